@@ -1,0 +1,19 @@
+"""Train and evaluate one configuration (or a Hydra multirun sweep of them).
+
+    python experiments/train.py task=mrpc method=reslora_ms seed=1
+    python experiments/train.py -m task=mrpc,rte method=lora,reslora_bs seed=0,1,2 hydra/launcher=joblib_cpu
+"""
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+
+from reslora.train import run
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg) -> None:
+    run(cfg, HydraConfig.get().runtime.output_dir)
+
+
+if __name__ == "__main__":
+    main()

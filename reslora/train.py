@@ -1,0 +1,251 @@
+"""The shared training loop, for every task and every method.
+
+A task object supplies data, collate, loss and evaluation; this file does the rest: optimiser and
+schedule, gradient accumulation and clipping, periodic validation with model selection, checkpoint and
+resume, logging, and the run record. Read it top to bottom.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import resource
+import signal
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .io import atomic_path
+from .methods import apply_method, eval_modes, model_for_mode
+from .records import environment, is_done, record_path, write_record
+from .tasks import build_task
+from .wandb_logger import RunLogger
+
+
+def get_lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Linear warmup to the peak, then linear decay to zero (as in LoRA and the authors' scripts)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def validate_config(cfg) -> None:
+    t = cfg.train
+    checks = [("train.lr", t.lr, t.lr > 0, "a positive number"),
+              ("train.batch_size", t.batch_size, t.batch_size >= 1, "an integer >= 1"),
+              ("train.grad_accum", t.grad_accum, t.grad_accum >= 1, "an integer >= 1"),
+              ("train.eval_every", t.eval_every, t.eval_every >= 1, "an integer >= 1"),
+              ("train.warmup_ratio", t.warmup_ratio, 0 <= t.warmup_ratio < 1, "a number in [0, 1)"),
+              ("train.weight_decay", t.weight_decay, t.weight_decay >= 0, "a number >= 0")]
+    for name, value, ok, accepted in checks:
+        if not ok:
+            raise ValueError(f"{name}={value!r} is invalid; it must be {accepted}")
+    if not (t.max_steps or t.epochs):
+        raise ValueError(f"train.max_steps={t.max_steps!r} and train.epochs={t.epochs!r}: set one of them > 0")
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """What training changes: trainable parameters and the ResLoRA merge statistics (buffers)."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    stats = (".input_norms", ".ax_norms", ".stat_count")
+    return {n: t.detach().clone() for n, t in model.state_dict().items() if n in trainable or n.endswith(stats)}
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def batch_stream(loader, accelerator, epoch: int, start: int):
+    """Endless (epoch, position after this batch, batch), starting ``start`` batches into ``epoch``."""
+    while True:
+        loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(loader, start) if start else loader
+        for i, batch in enumerate(batches, start=start + 1):
+            yield epoch, i, batch
+        epoch, start = epoch + 1, 0
+
+
+def run(cfg, run_dir: str | Path) -> dict:
+    """Train and evaluate one configuration; write its record to the run dir and to results/."""
+    run_dir = Path(run_dir)
+    published = record_path(cfg.results_dir, cfg.scale.name, cfg.tag, cfg.task.name, cfg.method.name, cfg.seed)
+    if cfg.skip_done and is_done(published):
+        print(f"skip: {published} exists")
+        return {"status": "skipped", "record": str(published)}
+    record = {"status": "running", "task": cfg.task.name, "method": cfg.method.name, "seed": cfg.seed,
+              "scale": cfg.scale.name, "tag": cfg.tag, "config": OmegaConf.to_container(cfg, resolve=True),
+              **environment()}
+    logger = RunLogger(cfg.logger, name=f"{cfg.task.name}-{cfg.method.name}-seed{cfg.seed}",
+                       group=f"{cfg.scale.name}/{cfg.tag}", config=record["config"], run_dir=run_dir)
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    start = time.time()
+    try:
+        validate_config(cfg)
+        train_and_evaluate(cfg, run_dir, record, logger)
+        record["status"] = "ok"
+    except BaseException as error:
+        record.update(status="failed", error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc())
+        if not cfg.continue_on_failure or isinstance(error, (KeyboardInterrupt, SystemExit)):
+            raise
+        print(f"run failed, continuing: {record['error']}")
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+        record["wall_time_s"] = time.time() - start
+        record["peak_memory_mb"] = peak_memory_mb()
+        logger.finish()
+        if record.get("is_main_process", True):
+            write_record(record, run_dir / "record.json", published)
+    return record
+
+
+def _raise_on_sigterm(signum, frame):
+    raise SystemExit(f"terminated by signal {signum}; rerun the same command to resume from the last checkpoint")
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def train_and_evaluate(cfg, run_dir: Path, record: dict, logger: RunLogger) -> None:
+    t = cfg.train
+    torch.set_num_threads(cfg.threads)
+    accelerator = Accelerator(gradient_accumulation_steps=t.grad_accum, mixed_precision=t.mixed_precision,
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    record["is_main_process"] = accelerator.is_main_process
+    record["num_processes"] = accelerator.num_processes
+
+    # Data and model. The adapter's initialisation depends on the seed only, not on data loading.
+    task = build_task(cfg)
+    set_seed(cfg.seed)
+    base = task.load_model(cfg.model)
+    splits = task.datasets()
+    record["data_sizes"] = {name: len(ds) for name, ds in splits.items()}
+    steps_per_epoch = math.ceil(len(splits["train"]) / (t.batch_size * t.grad_accum * accelerator.num_processes))
+    total_steps = t.max_steps or t.epochs * steps_per_epoch
+    set_seed(cfg.seed)
+    model = apply_method(base, cfg.method, cfg.model, total_steps)
+    modes = eval_modes(cfg.method)
+    record["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    record["total_params"] = sum(p.numel() for p in model.parameters())
+    record.update(total_steps=total_steps, headline_mode=modes[0], headline_metric=task.headline)
+
+    # Optimiser: AdamW on the trainable tensors, linear warmup and decay.
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    warmup = int(t.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: get_lr_factor(s, warmup, total_steps))
+    collate = task.collate()
+    train_loader = DataLoader(splits["train"], batch_size=t.batch_size, shuffle=True, collate_fn=collate)
+    eval_loaders = {name: DataLoader(ds, batch_size=t.eval_batch_size, collate_fn=collate)
+                    for name, ds in splits.items() if name != "train"}
+    model, optimizer, train_loader, *loaders = accelerator.prepare(model, optimizer, train_loader,
+                                                                   *eval_loaders.values())
+    eval_loaders = dict(zip(eval_loaders, loaders))
+    unwrapped = accelerator.unwrap_model(model)
+
+    def evaluate(mode: str, split: str) -> dict[str, float]:
+        metrics = task.evaluate(model_for_mode(unwrapped, mode), eval_loaders[split], accelerator)
+        model.train()
+        return metrics
+
+    # Resume: the last checkpoint of this run dir, if any, restores everything the loop depends on.
+    checkpoint = run_dir / "checkpoint.pt"
+    progress = {"step": 0, "epoch": 0, "position": 0, "train_loss": [], "eval": [], "best": None}
+    pending_rng = None
+    if checkpoint.is_file():
+        saved = torch.load(checkpoint, weights_only=False)
+        if saved["config"] != record["config"]:
+            raise ValueError(f"{checkpoint} belongs to a run with another config; delete it or choose another "
+                             "run dir (e.g. tag=...)")
+        unwrapped.load_state_dict(saved["model"], strict=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        progress, pending_rng = saved["progress"], saved["rng"]
+        print(f"resumed from {checkpoint} at step {progress['step']}")
+
+    def save_checkpoint():
+        if accelerator.is_main_process:
+            with atomic_path(checkpoint) as tmp:
+                torch.save({"config": record["config"], "model": trainable_state(unwrapped),
+                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "progress": progress, "rng": rng_state()}, tmp)
+        accelerator.wait_for_everyone()
+
+    # The loop: one optimiser step = grad_accum micro-batches; validate every eval_every steps.
+    model.train()
+    stream = batch_stream(train_loader, accelerator, progress["epoch"], progress["position"])
+    bar = tqdm(total=total_steps, initial=progress["step"], disable=not accelerator.is_local_main_process,
+               desc=f"{cfg.task.name}/{cfg.method.name}/seed{cfg.seed}", dynamic_ncols=True)
+    step_loss, step_examples, tick = torch.zeros(()), 0, time.time()
+    while progress["step"] < total_steps:
+        progress["epoch"], progress["position"], batch = next(stream)
+        if pending_rng is not None:  # after the data iterator exists, so its creation draws nothing we replay
+            set_rng_state(pending_rng)
+            pending_rng = None
+        with accelerator.accumulate(model):
+            loss = task.loss(model(**batch), batch)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and t.max_grad_norm:
+                accelerator.clip_grad_norm_(params, t.max_grad_norm)
+            optimizer.step()
+            if accelerator.sync_gradients:
+                scheduler.step()
+                if hasattr(unwrapped.base_model, "update_and_allocate"):  # AdaLoRA's rank allocation
+                    unwrapped.base_model.update_and_allocate(progress["step"])
+            optimizer.zero_grad()
+        step_loss += loss.detach().float().cpu() / t.grad_accum
+        step_examples += len(batch["labels"]) * accelerator.num_processes
+        if not accelerator.sync_gradients:
+            continue
+
+        progress["step"] += 1
+        step = progress["step"]
+        mean_loss = accelerator.reduce(step_loss.to(accelerator.device), "mean").item()
+        progress["train_loss"].append([step, mean_loss])
+        rate = step_examples / (time.time() - tick)
+        logger.log({"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0], "train/examples_per_s": rate}, step)
+        bar.set_postfix(loss=f"{mean_loss:.4f}", ex_s=f"{rate:.1f}")
+        bar.update()
+        step_loss, step_examples, tick = torch.zeros(()), 0, time.time()
+
+        if step % t.eval_every == 0 or step == total_steps:
+            metrics = evaluate(modes[0], "validation")
+            progress["eval"].append({"step": step, "validation": metrics})
+            logger.log({f"validation/{k}": v for k, v in metrics.items()}, step)
+            if progress["best"] is None or metrics[task.headline] > progress["best"]["validation"][task.headline]:
+                progress["best"] = {"step": step, "validation": metrics, "state": trainable_state(unwrapped)}
+            save_checkpoint()
+    bar.close()
+
+    # Final evaluation: the model selected on validation, on the test split(s), in every eval mode.
+    best = progress["best"]
+    unwrapped.load_state_dict(best["state"], strict=False)
+    record.update(train_loss=progress["train_loss"], eval=progress["eval"],
+                  best={"step": best["step"], "validation": best["validation"]})
+    record["final"] = {mode: {split: evaluate(mode, split) for split in eval_loaders if split != "validation"}
+                       for mode in modes}
+    record["headline"] = record["final"][modes[0]]["test"][task.headline]
+    logger.log({f"test/{mode}/{k}": v for mode, m in record["final"].items() for k, v in m["test"].items()},
+               total_steps)
+    logger.summary({"headline": record["headline"]})

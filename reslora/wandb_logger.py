@@ -1,0 +1,34 @@
+"""W&B logging for one run: offline by default (``wandb sync`` later), disabled in tests, online on request.
+Each run is finished at its end, so jobs of a multirun never share a W&B run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+MODES = ("offline", "online", "disabled")
+
+
+class RunLogger:
+    def __init__(self, cfg, name: str, group: str, config: dict, run_dir: Path):
+        if cfg.mode not in MODES:
+            raise ValueError(f"logger.mode={cfg.mode!r}; choose one of {list(MODES)}")
+        self.run = None
+        if cfg.mode != "disabled":
+            import wandb
+
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self.run = wandb.init(project=cfg.project, entity=cfg.entity, mode=cfg.mode, name=name, group=group,
+                                  config=config, dir=str(run_dir), reinit="finish_previous")
+
+    def log(self, values: dict, step: int) -> None:
+        if self.run is not None:
+            self.run.log(values, step=step)
+
+    def summary(self, values: dict) -> None:
+        if self.run is not None:
+            self.run.summary.update(values)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
