@@ -8,6 +8,7 @@ resume, logging, and the run record. Read it top to bottom.
 from __future__ import annotations
 
 import math
+import os
 import random
 import resource
 import signal
@@ -57,6 +58,14 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     stats = (".input_norms", ".ax_norms", ".stat_count")
     return {n: t.detach().clone() for n, t in model.state_dict().items() if n in trainable or n.endswith(stats)}
+
+
+# Keys that steer a run without changing what it computes: a checkpoint is resumable across them.
+RUN_CONTROL_KEYS = ("debug", "logger", "skip_done", "continue_on_failure")
+
+
+def identity(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in RUN_CONTROL_KEYS}
 
 
 def rng_state() -> dict:
@@ -130,7 +139,9 @@ def peak_memory_mb() -> float:
 def train_and_evaluate(cfg, run_dir: Path, record: dict, logger: RunLogger) -> None:
     t = cfg.train
     torch.set_num_threads(cfg.threads)
-    accelerator = Accelerator(gradient_accumulation_steps=t.grad_accum, mixed_precision=t.mixed_precision,
+    # cpu=True without CUDA: processes started by `accelerate launch --multi_gpu` then join over gloo.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=t.grad_accum,
+                              mixed_precision=t.mixed_precision,
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     record["is_main_process"] = accelerator.is_main_process
     record["num_processes"] = accelerator.num_processes
@@ -175,7 +186,7 @@ def train_and_evaluate(cfg, run_dir: Path, record: dict, logger: RunLogger) -> N
     pending_rng = None
     if checkpoint.is_file():
         saved = torch.load(checkpoint, weights_only=False)
-        if saved["config"] != record["config"]:
+        if identity(saved["config"]) != identity(record["config"]):
             raise ValueError(f"{checkpoint} belongs to a run with another config; delete it or choose another "
                              "run dir (e.g. tag=...)")
         unwrapped.load_state_dict(saved["model"], strict=False)
@@ -236,6 +247,8 @@ def train_and_evaluate(cfg, run_dir: Path, record: dict, logger: RunLogger) -> N
             if progress["best"] is None or metrics[task.headline] > progress["best"]["validation"][task.headline]:
                 progress["best"] = {"step": step, "validation": metrics, "state": trainable_state(unwrapped)}
             save_checkpoint()
+            if step == cfg.debug.kill_at_step:  # tests: a kill right after a checkpoint, as a crash would
+                os.kill(os.getpid(), getattr(signal, f"SIG{cfg.debug.kill_signal}"))
     bar.close()
 
     # Final evaluation: the model selected on validation, on the test split(s), in every eval mode.

@@ -1,0 +1,133 @@
+"""The experiment platform: configs compose, runs write records, resume after a kill, determinism,
+bad overrides fail fast. Runs use the smoke scale: the real MiniLM-L6 on a few real GLUE examples."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+MIRROR = os.environ.get("DATA_MIRROR")
+needs_data = pytest.mark.skipif(not MIRROR, reason="set DATA_MIRROR to a local GLUE mirror (e.g. ../shared/data)")
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def train(tmp_path: Path, *overrides: str, check: bool = True, launcher: list[str] | None = None):
+    """Run experiments/train.py at smoke scale with runs and records under tmp_path."""
+    flags = [o for o in overrides if o.startswith("-")]
+    command = [*(launcher or [sys.executable]), str(ROOT / "experiments" / "train.py"), *flags, "scale=smoke",
+               "logger.mode=disabled", f"runs_dir={tmp_path / 'runs'}", f"results_dir={tmp_path / 'results'}",
+               *(o for o in overrides if not o.startswith("-"))]
+    env = {**os.environ, "DATA_MIRROR": str(Path(MIRROR).resolve()) if MIRROR else "",
+           "RESLORA_CACHE": str(ROOT / ".cache"), "HYDRA_FULL_ERROR": "0"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
+def record(tmp_path: Path, task="mrpc", method="reslora_bs", seed=0, tag="default") -> dict:
+    path = tmp_path / "results" / "records" / "smoke" / tag / task / method / f"seed{seed}.json"
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("group", ["task", "model", "method", "scale", "logger", "experiment"])
+def test_every_option_of_every_group_composes(group):
+    options = group_options(group)
+    assert options, f"conf/{group} is empty"
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        for option in options:
+            cfg = compose("config", overrides=[f"{group}={option}"], return_hydra_config=True)
+            assert cfg.task.name and cfg.method.name and cfg.scale.name and cfg.model.path
+            if group not in ("experiment", "scale"):
+                assert cfg[group].get("name", option) == option or group == "logger"
+
+
+def test_paper_scale_uses_the_papers_model_and_hyper_parameters():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["scale=paper", "task=mnli"])
+    assert cfg.model.name == "roberta-large"
+    assert cfg.train.lr == 3e-4 and cfg.train.warmup_ratio == 0.06 and cfg.data.max_length == 512
+    assert cfg.train.epochs == 5 and cfg.train.batch_size * cfg.train.grad_accum == 128
+
+
+@needs_data
+def test_smoke_multirun_over_two_methods_writes_two_records(tmp_path):
+    train(tmp_path, "-m", "task=rte", "method=lora,reslora_is")
+    for method in ("lora", "reslora_is"):
+        r = record(tmp_path, task="rte", method=method)
+        assert r["status"] == "ok" and r["task"] == "rte" and r["method"] == method
+        assert len(r["train_loss"]) == 4 and r["eval"] and r["trainable_params"] > 0
+        assert 0.0 <= r["headline"] <= 1.0 and r["peak_memory_mb"] > 0 and r["git"]["commit"]
+        assert (tmp_path / "runs" / "smoke" / "default" / "rte" / method / "seed0" / ".hydra" / "config.yaml").is_file()
+    assert set(record(tmp_path, task="rte", method="reslora_is")["final"]) == {"merge_bi", "unmerged", "plain", "merge_bw"}
+
+
+@needs_data
+@pytest.mark.parametrize("signal_name", ["KILL", "TERM"])
+def test_a_killed_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path, signal_name):
+    args = ("task=mrpc", "method=reslora_ms", "train.max_steps=6", "train.eval_every=2", "model.modules_to_save=[]")
+    train(tmp_path / "straight", *args)
+    killed = train(tmp_path / "killed", *args, "debug.kill_at_step=2", f"debug.kill_signal={signal_name}", check=False)
+    assert killed.returncode != 0
+    train(tmp_path / "killed", *args)
+    straight, resumed = record(tmp_path / "straight", method="reslora_ms"), record(tmp_path / "killed", method="reslora_ms")
+    assert resumed["train_loss"] == straight["train_loss"]
+    assert resumed["final"] == straight["final"] and resumed["eval"] == straight["eval"]
+
+
+@needs_data
+def test_same_seed_same_numbers_other_seed_other_numbers(tmp_path):
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        train(tmp_path / name, "task=cola", "method=reslora_bs", f"seed={seed}")
+    a, b = record(tmp_path / "a", task="cola"), record(tmp_path / "b", task="cola")
+    c = record(tmp_path / "c", task="cola", seed=1)
+    assert a["train_loss"] == b["train_loss"] and a["final"] == b["final"]
+    assert a["train_loss"] != c["train_loss"]
+
+
+@needs_data
+def test_skip_done_returns_without_training(tmp_path):
+    train(tmp_path, "task=stsb", "method=lora")
+    again = train(tmp_path, "task=stsb", "method=lora", "skip_done=true")
+    assert "skip:" in again.stdout
+
+
+@needs_data
+def test_accelerate_two_processes_on_cpu(tmp_path):
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    train(tmp_path, "task=mrpc", "method=reslora_bs", launcher=launcher)
+    r = record(tmp_path)
+    assert (r["status"], r["num_processes"], r["data_sizes"]["test"]) == ("ok", 2, 32)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("method=nope", "Could not find 'method/nope'"),
+    ("task=nope", "Could not find 'task/nope'"),
+    ("scale=nope", "Could not find 'scale/nope'"),
+    ("train.lr=-1", "train.lr=-1 is invalid"),
+    ("logger.mode=loud", "logger.mode='loud'"),
+])
+def test_bad_overrides_fail_fast_with_a_readable_message(tmp_path, override, expected):
+    result = train(tmp_path, override, "data.mirror=null", check=False)
+    assert result.returncode != 0
+    assert expected in result.stderr + result.stdout
+
+
+def test_missing_data_says_which_file_and_how_to_get_it(tmp_path):
+    (tmp_path / "mirror").mkdir()
+    result = train(tmp_path, f"data.mirror={tmp_path / 'mirror'}", "task=qnli", check=False)
+    assert result.returncode != 0
+    assert "QNLI/train.tsv" in result.stderr and "DATA_MIRROR" in result.stderr
