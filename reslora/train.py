@@ -205,6 +205,7 @@ def train_and_evaluate(cfg, run_dir: Path, record: dict, logger: RunLogger) -> N
 
     # The loop: one optimiser step = grad_accum micro-batches; validate every eval_every steps.
     model.train()
+    loop_start = time.time()
     stream = batch_stream(train_loader, accelerator, progress["epoch"], progress["position"])
     bar = tqdm(total=total_steps, initial=progress["step"], disable=not accelerator.is_local_main_process,
                desc=f"{cfg.task.name}/{cfg.method.name}/seed{cfg.seed}", dynamic_ncols=True)
@@ -250,6 +251,7 @@ def train_and_evaluate(cfg, run_dir: Path, record: dict, logger: RunLogger) -> N
             if step == cfg.debug.kill_at_step:  # tests: a kill right after a checkpoint, as a crash would
                 os.kill(os.getpid(), getattr(signal, f"SIG{cfg.debug.kill_signal}"))
     bar.close()
+    record["train_loop_s"] = time.time() - loop_start  # this process's share, after any resume
 
     # Final evaluation: the model selected on validation, on the test split(s), in every eval mode.
     best = progress["best"]

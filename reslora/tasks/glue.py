@@ -134,7 +134,12 @@ class GlueTask:
             filename = {"train": "train.tsv", "dev": spec.dev}.get(which) or spec.extra_test[1]
             return read_mirror_split(self.name, Path(mirror), filename)
         split = {"train": "train", "dev": spec.dev_hub}.get(which) or spec.extra_test[2]
-        return load_dataset(HUB_ID, self.name, split=split)
+        try:
+            return load_dataset(HUB_ID, self.name, split=split)
+        except ConnectionError as error:
+            raise ConnectionError(f"{error}. Without internet, point DATA_MIRROR (config key data.mirror) at a "
+                                  f"directory holding the GLUE files ({spec.folder}/train.tsv, {spec.folder}/"
+                                  f"{spec.dev})") from error
 
     def _tokenized(self, which: str) -> Dataset:
         raw = self._raw_split(which)

@@ -1,0 +1,38 @@
+# `make help` lists the targets. Every target creates the virtual environment when it is missing.
+# Offline machines read data from a local mirror: DATA_MIRROR=/path/to/mirror make <target>.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SCALE ?= cpu
+export DATA_MIRROR
+
+.PHONY: help setup train test test-slow reproduce-table2 table2 clean-runs
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
+
+setup: $(VENV)/.installed ## create .venv and install the pinned requirements and this package
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q -r requirements.txt
+	$(VENV)/bin/pip install -q --no-deps -e .
+	touch $@
+
+train: setup ## one GLUE run on the default config (MRPC, ResLoRA_bs, MiniLM-L6, cpu scale)
+	$(PY) experiments/train.py
+
+test: setup ## the fast test suite (about 6 minutes on 2 cores)
+	$(PY) -m pytest -q
+
+test-slow: setup ## end-to-end checks marked slow
+	$(PY) -m pytest -q -m slow
+
+reproduce-table2: setup ## the paper's Table 2 at SCALE=smoke|cpu|paper; reruns only missing cells
+	$(PY) experiments/train.py -m experiment=table2 scale=$(SCALE) hydra/launcher=joblib_cpu
+	$(MAKE) table2 SCALE=$(SCALE)
+
+table2: setup ## rebuild results/table2.md and its figures from the run records
+	$(PY) experiments/tables.py table2 --scale $(SCALE)
+
+clean-runs: ## delete run dirs and checkpoints (records under results/ stay)
+	rm -rf runs outputs multirun
