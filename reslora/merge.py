@@ -87,8 +87,14 @@ def _alpha(layer: ResLoraLinear, mode: str) -> torch.Tensor | float:
     return sum(_norms(p, mode)[1] for p in layer.prev) / _norms(layer, mode)[1]
 
 
+def _compute_dtype(layer: ResLoraLinear) -> torch.dtype:
+    """float32 for half-precision weights, the weights' own dtype when that is wider (float64)."""
+    return torch.promote_types(layer.weight.dtype, torch.float32)
+
+
 def _weight_norm(layer: ResLoraLinear) -> torch.Tensor:
-    return torch.linalg.matrix_norm(layer.weight.detach().float() + layer.delta_weight().detach().float())
+    dtype = _compute_dtype(layer)
+    return torch.linalg.matrix_norm(layer.weight.detach().to(dtype) + layer.delta_weight().detach().to(dtype))
 
 
 @torch.no_grad()
@@ -98,8 +104,9 @@ def merged_weights(model, mode: str) -> dict[ResLoraLinear, torch.Tensor]:
     merged = {}
     for layer in model.named_reslora_layers().values():
         B, A = low_rank_factors(layer, mode)
-        delta = layer.scaling * (B.float() @ A.float())
-        merged[layer] = (layer.weight.float() + delta).to(layer.weight.dtype)
+        dtype = _compute_dtype(layer)
+        delta = layer.scaling * (B.to(dtype) @ A.to(dtype))
+        merged[layer] = (layer.weight.to(dtype) + delta).to(layer.weight.dtype)
     return merged
 
 

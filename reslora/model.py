@@ -4,6 +4,7 @@ per-forward state, save and load adapters, merge into a plain model (see merge.p
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import re
@@ -213,6 +214,13 @@ class ResLoraModel(nn.Module):
             linear = copy.deepcopy(layer.base_layer)
             linear.weight.data.copy_(weight)
             replacements[id(layer)] = linear
+        for module in self.base_model.modules():
+            # Activation checkpointing enabled through this wrapper binds checkpoint_context_fn (hence this
+            # whole model) into the base model; the merged model checkpoints as usual, without it.
+            func = getattr(module, "_gradient_checkpointing_func", None)
+            if isinstance(func, functools.partial) and getattr(func.keywords.get("context_fn"), "__self__", None) is self:
+                keywords = {k: v for k, v in func.keywords.items() if k != "context_fn"}
+                replacements[id(func)] = functools.partial(func.func, *func.args, **keywords)
         plain = copy.deepcopy(self.base_model, memo=replacements)
         for handle in self._hooks:
             for hooks in (plain._forward_pre_hooks, plain._forward_hooks, plain._forward_hooks_always_called):
