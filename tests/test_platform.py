@@ -131,3 +131,11 @@ def test_missing_data_says_which_file_and_how_to_get_it(tmp_path):
     result = train(tmp_path, f"data.mirror={tmp_path / 'mirror'}", "task=qnli", check=False)
     assert result.returncode != 0
     assert "QNLI/train.tsv" in result.stderr and "DATA_MIRROR" in result.stderr
+
+
+def test_a_failed_run_writes_a_record_saying_why(tmp_path):
+    (tmp_path / "mirror").mkdir()
+    result = train(tmp_path, f"data.mirror={tmp_path / 'mirror'}", "task=qnli", "continue_on_failure=true")
+    assert result.returncode == 0
+    failed = record(tmp_path, task="qnli")
+    assert failed["status"] == "failed" and "QNLI/train.tsv" in failed["error"]
