@@ -9,6 +9,7 @@ new plain model (``ResLoraModel.merge_and_unload``) or into an ordinary PEFT LoR
 | plain      | W_n + s B_n A_n  (drop the residual paths: the paper's "w/o merge")                      |
 | merge_bi   | from input statistics (paper Eq. 8-9, 12)                                                |
 | merge_bw   | from weights (paper Eq. 10-11, 13)                                                       |
+| merge_ls   | ours: least squares on calibration activations (``fit_merge_ls``), instead of norm ratios |
 
 ``bs`` merges exactly in both merge modes: W_n + s sum_{k=0..m} B_{n-k} A_{n-k}. ``is`` and ``ms`` assume
 x_{n-k} ~ alpha x_n and estimate alpha:
@@ -18,6 +19,12 @@ x_{n-k} ~ alpha x_n and estimate alpha:
   is, ms (merge_bi): W*_n = W_n + (1 + alpha) s B_n A_n
   ms  merge_bw: A*_n = A_n + sum_{k=1..m} (f_{n-k} / f_n) A_{n-k};  W*_n = W_n + s B_n A*_n
 where f_n, g_n are the means of the windows of ||x_n||_F and ||A_n d(x_n)||_F.
+
+merge_ls fits the merged block to what the residual branch computes on calibration inputs (training data,
+dropout off), over all tokens of all calibration batches:
+  is: alpha = argmin ||B A (x_n + x_{n-1}) - (1 + alpha) B A x_n||^2 = <u, v> / <u, u>, u = B A x_n, v = B A x_{n-1}
+  ms: A* = argmin ||sum_{k=0..m} A_{n-k} x_{n-k} - A* x_n||^2, a ridge-stabilised linear regression
+  bs: exact, as above.
 
 Decision: the names follow the paper's formulas. The authors' README maps merge_flag 3 -> merge_bi and
 4 -> merge_bw, but their code computes the reverse; here the names mean what the formulas say.
@@ -34,7 +41,7 @@ from safetensors.torch import save_file
 from .io import atomic_path
 from .layers import ResLoraLinear
 
-MERGE_MODES = ("plain", "merge_bi", "merge_bw")
+MERGE_MODES = ("plain", "merge_bi", "merge_bw", "merge_ls")
 
 
 def _check_mode(mode: str) -> None:
@@ -64,6 +71,12 @@ def low_rank_factors(layer: ResLoraLinear, mode: str) -> tuple[torch.Tensor, tor
         blocks = [layer, *layer.prev]
         return (torch.cat([b.lora_B.detach() for b in blocks], dim=1),
                 torch.cat([b.lora_A.detach() for b in blocks], dim=0))
+    if mode == "merge_ls":
+        solution = getattr(layer, "ls_solution", None)
+        if solution is None:
+            raise RuntimeError(f"merge_ls needs a least-squares fit: call model.fit_merge_ls(train_batches) first "
+                               f"(block {layer.chain.name_of(layer)} has none)")
+        return ((1 + solution) * B, A) if layer.variant == "is" else (B, solution.to(A.dtype))
     if layer.variant == "ms" and mode == "merge_bw":
         f_n = _norms(layer, mode)[0]
         return B, A + sum((_norms(p, mode)[0] / f_n) * p.lora_A.detach() for p in layer.prev)
@@ -95,6 +108,56 @@ def _compute_dtype(layer: ResLoraLinear) -> torch.dtype:
 def _weight_norm(layer: ResLoraLinear) -> torch.Tensor:
     dtype = _compute_dtype(layer)
     return torch.linalg.matrix_norm(layer.weight.detach().to(dtype) + layer.delta_weight().detach().to(dtype))
+
+
+def _branch(layer: ResLoraLinear, x: torch.Tensor) -> torch.Tensor:
+    """B A x for rows x (no scaling, no dropout)."""
+    return (x @ layer.lora_A.to(x.dtype).T) @ layer.lora_B.to(x.dtype).T
+
+
+@torch.no_grad()
+def fit_merge_ls(model, batches, ridge: float = 1e-4) -> None:
+    """Fit merge_ls on calibration ``batches`` (dicts of keyword arguments or tensors), in eval mode.
+
+    Each ``is``/``ms`` block gets ``ls_solution`` (alpha, or A*); ``ridge`` is relative to the mean
+    eigenvalue of the inputs' Gram matrix."""
+    layers = [m for m in model.named_reslora_layers().values() if m.variant in ("is", "ms")]
+    inputs: dict = {}
+    hooks = [layer.register_forward_pre_hook(lambda mod, args: inputs.__setitem__(mod, args[0])) for layer in layers]
+    sums = {layer: [0.0, 0.0] for layer in layers}  # is: <u, v>, <u, u>; ms: X^T Y, X^T X
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        for batch in batches:
+            seen += 1
+            inputs.clear()
+            model(**batch) if isinstance(batch, dict) else model(batch)
+            for layer in layers:
+                x = inputs[layer].reshape(-1, layer.in_features).to(_compute_dtype(layer))
+                if layer.variant == "is":
+                    x_prev = inputs[layer.prev[0]].reshape(x.shape).to(x.dtype) if layer.prev else x
+                    u, v = _branch(layer, x), _branch(layer, x_prev)
+                    sums[layer][0] += (u * v).sum()
+                    sums[layer][1] += (u * u).sum()
+                else:
+                    y = sum(inputs[b].reshape(x.shape).to(x.dtype) @ b.lora_A.to(x.dtype).T for b in (layer, *layer.prev))
+                    sums[layer][0] += x.T @ y  # in x r
+                    sums[layer][1] += x.T @ x  # in x in
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    if not seen:
+        raise ValueError("fit_merge_ls got no calibration batches; pass an iterable of training batches")
+    for layer in layers:
+        cross, gram = sums[layer]
+        if layer.variant == "is":
+            layer.ls_solution = cross / gram if float(gram) > 0 else torch.tensor(1.0)
+        else:
+            damping = ridge * torch.trace(gram) / gram.shape[0]
+            eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+            layer.ls_solution = torch.linalg.solve(gram + damping * eye, cross).T
 
 
 @torch.no_grad()

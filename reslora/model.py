@@ -191,6 +191,12 @@ class ResLoraModel(nn.Module):
         finally:
             self._slot.calibrating = False
 
+    def fit_merge_ls(self, batches, ridge: float = 1e-4) -> None:
+        """Fit the least-squares merge (``merge_ls``) on calibration batches of training data."""
+        from .merge import fit_merge_ls
+
+        fit_merge_ls(self, batches, ridge)
+
     # ---- inspection ---------------------------------------------------------------------------------
     def named_reslora_layers(self) -> dict[str, ResLoraLinear]:
         return {n: m for n, m in self.base_model.named_modules() if isinstance(m, ResLoraLinear)}

@@ -17,7 +17,7 @@ from reslora import MERGE_MODES, ResLoraLinear, ResLoraModel, merged_weights
 from reslora.layers import ForwardSlot, ForwardState
 from reslora.model import Chain
 
-MODES = ("plain", "merge_bi", "merge_bw")
+MODES = ("plain", "merge_bi", "merge_bw")  # the paper's modes; merge_ls needs a fit (test_merge_ls.py)
 
 
 def group_name(name: str) -> str:
@@ -354,7 +354,7 @@ def test_bad_merge_modes(tmp_path, mode, pattern):
         merged_weights(model, mode)
     with pytest.raises(ValueError, match=pattern):
         model.export_peft_adapter(tmp_path / "x", mode)
-    assert set(MERGE_MODES) == set(MODES)
+    assert set(MERGE_MODES) == set(MODES) | {"merge_ls"}  # merge_ls: tests/test_merge_ls.py
 
 
 # ---- PEFT export -----------------------------------------------------------------------------------------
