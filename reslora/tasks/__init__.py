@@ -13,4 +13,8 @@ def build_task(cfg):
         from .glue import GlueTask
 
         return GlueTask(cfg.task, cfg.data, cfg.seed)
-    raise ValueError(f"task.family={cfg.task.family!r} is not supported; choose one of ['glue']")
+    if cfg.task.family == "reasoning":
+        from .reasoning import ReasoningTask
+
+        return ReasoningTask(cfg.task, cfg.data, cfg.seed)
+    raise ValueError(f"task.family={cfg.task.family!r} is not supported; choose one of ['glue', 'reasoning']")
