@@ -5,16 +5,17 @@ PY := $(VENV)/bin/python
 SCALE ?= cpu
 export DATA_MIRROR
 
-.PHONY: help setup train test test-slow reproduce-table2 table2 clean-runs
+.PHONY: help setup train test test-slow reproduce-table2 reproduce-table3 reproduce-table4 table2 table3 table4 bench clean-runs
 
 help: ## list the targets
-	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z0-9_% -]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-50s %s\n", $$1, $$2}'
 
 setup: $(VENV)/.installed ## create .venv and install the pinned requirements and this package
 
-$(VENV)/.installed: requirements.txt pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-nodeps.txt pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q -r requirements.txt
+	$(VENV)/bin/pip install -q --no-deps -r requirements-nodeps.txt
 	$(VENV)/bin/pip install -q --no-deps -e .
 	touch $@
 
@@ -27,12 +28,15 @@ test: setup ## the fast test suite (about 6 minutes on 2 cores)
 test-slow: setup ## end-to-end checks marked slow
 	$(PY) -m pytest -q -m slow
 
-reproduce-table2: setup ## the paper's Table 2 at SCALE=smoke|cpu|paper; reruns only missing cells
-	$(PY) experiments/train.py -m experiment=table2 scale=$(SCALE) hydra/launcher=joblib_cpu
-	$(MAKE) table2 SCALE=$(SCALE)
+reproduce-table2 reproduce-table3 reproduce-table4: reproduce-table%: setup ## a paper table (2: GLUE, 3: merge, 4: pre_num + Figs. 4, 5, gradient flow) at SCALE=smoke|cpu|paper; reruns only missing cells
+	$(PY) experiments/train.py -m experiment=table$* scale=$(SCALE) hydra/launcher=joblib_cpu
+	$(MAKE) table$* SCALE=$(SCALE)
 
-table2: setup ## rebuild results/table2.md and its figures from the run records
-	$(PY) experiments/tables.py table2 --scale $(SCALE)
+table2 table3 table4: table%: setup ## rebuild results/tableN.md and its figures from the run records
+	$(PY) experiments/tables.py table$* --scale $(SCALE)
+
+bench: setup ## training/inference cost of every variant vs HF PEFT LoRA -> results/bench.{json,md} (about 15 min)
+	$(PY) experiments/bench.py
 
 clean-runs: ## delete run dirs and checkpoints (records under results/ stay)
 	rm -rf runs outputs multirun

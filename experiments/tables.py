@@ -1,6 +1,8 @@
 """Build a paper table and its figures from the run records under results/records/.
 
-    python experiments/tables.py table2 --scale cpu
+    python experiments/tables.py table2 --scale cpu      # Table 2 (GLUE) and its convergence plots
+    python experiments/tables.py table3 --scale cpu      # Table 3 (merge ablation, + merge_ls)
+    python experiments/tables.py table4 --scale cpu      # Table 4, Fig. 4, Fig. 5 and gradient flow
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from pathlib import Path
 
 from reslora.io import atomic_path
 from reslora.records import load_records
-from reslora.report import ROW_LABELS, headline_frame, paired_comparison, plot_curves, summary_table
+from reslora.report import (MODE_LABELS, headline_frame, label, mode_frame, mode_gaps, mode_table, paired_comparison,
+                            plot_block_norm_heatmaps, plot_curves, plot_grad_flow, summary_table)
 
 TABLE2_TASKS = {"paper": ["cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte", "stsb", "wnli"],
                 "default": ["cola", "sst2", "mrpc", "rte", "stsb"]}
@@ -38,17 +41,38 @@ def method_lines(records: list[dict], rows: list[str]) -> list[str]:
             m = seen[method]
             keys = ("variant", "r", "lora_alpha", "lora_dropout", "pre_num") if m["kind"] == "reslora" else ()
             params = {k: m[k] for k in keys} if keys else m["peft"]
-            lines.append(f"- {ROW_LABELS.get(method, method)}: " + ", ".join(f"{k}={v}" for k, v in params.items()))
+            lines.append(f"- {label(method)}: " + ", ".join(f"{k}={v}" for k, v in params.items()))
     return lines
 
 
-def table2(results: Path, scale: str) -> Path:
-    records = load_records(results, scale, "table2")
+def records_of(results: Path, scale: str, tag: str) -> list[dict]:
+    records = load_records(results, scale, tag)
     if not records:
-        raise SystemExit(f"no records under {results}/records/{scale}/table2: run `make reproduce-table2 SCALE={scale}`")
+        raise SystemExit(f"no records under {results}/records/{scale}/{tag}: run `make reproduce-{tag} SCALE={scale}`")
+    return records
+
+
+def failed_lines(records: list[dict]) -> list[str]:
+    failed = [f"- {r['task']}/{r['method']}/seed{r['seed']}: {r.get('error', '?')}" for r in records
+              if r.get("status") != "ok"]
+    return ["", "## Failed cells (shown as missing above)", "", *failed] if failed else []
+
+
+def write_markdown(path: Path, lines: list[str]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    print(f"wrote {path}")
+
+
+def output_name(stem: str, scale: str, suffix: str) -> str:
+    """cpu-scale outputs keep the plain name; other scales carry theirs."""
+    return f"{stem}{'' if scale == 'cpu' else '_' + scale}{suffix}"
+
+
+def table2(results: Path, scale: str) -> Path:
+    records = records_of(results, scale, "table2")
     tasks = TABLE2_TASKS["paper" if scale == "paper" else "default"]
     frame = headline_frame(records)
-    failed = [f"{r['task']}/{r['method']}/seed{r['seed']}: {r.get('error', '?')}" for r in records if r.get("status") != "ok"]
     rows = TABLE2_ROWS + sorted(set(frame["method"]) - set(TABLE2_ROWS))
     text = [
         f"# Table 2 (GLUE), scale `{scale}`",
@@ -72,27 +96,99 @@ def table2(results: Path, scale: str) -> Path:
         "Figures: `figures/table2_loss.png` (train loss, moving average over 10 steps), "
         "`figures/table2_eval.png` (validation metric); mean over seeds, band = min–max.",
     ]
-    if failed:
-        text += ["", "## Failed cells (shown as missing above)", "", *[f"- {f}" for f in failed]]
-    out = results / ("table2.md" if scale == "cpu" else f"table2_{scale}.md")
-    with atomic_path(out) as tmp:
-        tmp.write_text("\n".join(text) + "\n")
-    suffix = "" if scale == "cpu" else f"_{scale}"
-    plot_curves(records, "train_loss", results / "figures" / f"table2_loss{suffix}.png", rows, tasks,
+    out = results / output_name("table2", scale, ".md")
+    write_markdown(out, text + failed_lines(records))
+    plot_curves(records, "train_loss", results / "figures" / output_name("table2_loss", scale, ".png"), rows, tasks,
                 f"Table 2 runs ({scale}): train loss", smooth=10)
-    plot_curves(records, "validation", results / "figures" / f"table2_eval{suffix}.png", rows, tasks,
+    plot_curves(records, "validation", results / "figures" / output_name("table2_eval", scale, ".png"), rows, tasks,
                 f"Table 2 runs ({scale}): validation metric (%)")
-    print(f"wrote {out}")
+    return out
+
+
+TABLE3_TASKS = ["mrpc", "rte", "stsb", "cola"]
+TABLE3_MODES = ["unmerged", "plain", "merge_bi", "merge_bw", "merge_ls"]
+
+
+def table3(results: Path, scale: str) -> Path:
+    records = records_of(results, scale, "table3")
+    frame = mode_frame(records)
+    methods = ["reslora_is", "reslora_ms", "reslora_bs"]
+    claims = []
+    for method in ("reslora_is", "reslora_ms"):
+        gaps = mode_gaps(frame, method, "unmerged", TABLE3_MODES[1:])
+        over_plain = mode_gaps(frame, method, "plain", ["merge_bi", "merge_bw", "merge_ls"])
+        if gaps:
+            claims.append(f"- {label(method)}: vs before merge " + ", ".join(
+                f"{MODE_LABELS[m]} {v:+.2f}" for m, v in gaps.items()) + "; vs w/o merge " + ", ".join(
+                f"{MODE_LABELS[m]} {v:+.2f}" for m, v in over_plain.items()) + " (points, mean over tasks and seeds)")
+    text = [
+        f"# Table 3 (merge ablation), scale `{scale}`",
+        "",
+        f"Built by `make table3 SCALE={scale}` from {len(records)} run records (`results/records/{scale}/table3/`).",
+        f"Settings: {settings_line(records)}. Each trained model (selected on validation with merge_bi for "
+        "is/ms, exact for bs) is evaluated on the test split in every mode: before merge = the training graph "
+        "with its residual paths; w/o merge = residual paths dropped (W + sBA); merge_bi / merge_bw = the "
+        "paper's merges; merge_ls = our least-squares merge fitted on "
+        f"{records[0]['config']['train']['calibration_batches']} training batches. Cells: %, mean ± std (n seeds).",
+        "",
+        mode_table(frame, methods, TABLE3_MODES, TABLE3_TASKS),
+        "",
+        "## The paper's claims, measured",
+        "",
+        "Paper: for is, both merges lose ≈1 point against before merge and gain ≈10 points against w/o merge; "
+        "for ms merging loses much more, and merge_bw is worse than merge_bi. Ours (paired differences):",
+        "",
+        *claims,
+    ]
+    out = results / output_name("table3", scale, ".md")
+    write_markdown(out, text + failed_lines(records))
+    return out
+
+
+def table4(results: Path, scale: str) -> Path:
+    records = records_of(results, scale, "table4")
+    frame = headline_frame(records)
+    tasks = [t for t in TABLE2_TASKS["paper"] if t in set(frame["task"])]
+    pre_nums = ["0", "1", "2", "4", "-1"]
+    methods = [f"reslora_{v}_pre{k}" for v in ("bs", "ms") for k in pre_nums]
+    text = [
+        f"# Table 4 (pre_num ablation), scale `{scale}`",
+        "",
+        f"Built by `make table4 SCALE={scale}` from {len(records)} run records (`results/records/{scale}/table4/`).",
+        f"Settings: {settings_line(records)}. pre_num 0 is LoRA (for bs exactly; for ms too, as no previous "
+        "block is used); all = every previous block of the chain. Cells: test metric in %, mean ± std (n seeds).",
+        "",
+        summary_table(frame, methods, tasks),
+        "",
+        "Figures: `figures/fig4_loss_vs_prenum.png` (bs, as the paper's Fig. 4) and `fig4_loss_vs_prenum_ms.png` "
+        "(train loss, moving average over 10 steps; band = min–max over seeds), `figures/fig5_norm_heatmap.png` (‖merged ResLoRA_bs block‖_F − ‖LoRA block‖_F on MRPC, "
+        "mean over seeds), `figures/grad_flow.png` (per-layer gradient norms of A and B).",
+    ]
+    out = results / output_name("table4", scale, ".md")
+    write_markdown(out, text + failed_lines(records))
+    figures = results / "figures"
+    for variant in ("bs", "ms"):
+        runs = [r for r in records if r["method"].startswith(f"reslora_{variant}_pre")]
+        stem = "fig4_loss_vs_prenum" + ("" if variant == "bs" else "_ms")  # the paper's Fig. 4 is bs
+        plot_curves(runs, "train_loss", figures / output_name(stem, scale, ".png"),
+                    [f"reslora_{variant}_pre{k}" for k in pre_nums], tasks,
+                    f"ResLoRA_{variant}: train loss against steps by pre_num ({scale})", smooth=10)
+    plot_block_norm_heatmaps(records, figures / output_name("fig5_norm_heatmap", scale, ".png"), "mrpc",
+                             "reslora_bs_pre0", [f"reslora_bs_pre{k}" for k in pre_nums[1:]],
+                             f"‖merged ResLoRA_bs block‖ − ‖LoRA block‖ (MRPC, {scale})")
+    plot_grad_flow(records, figures / output_name("grad_flow", scale, ".png"),
+                   ["reslora_bs_pre0", "reslora_bs_pre1", "reslora_bs_pre-1", "reslora_ms_pre4", "reslora_ms_pre-1"],
+                   f"Gradient flow: LoRA (pre_num 0) against ResLoRA ({scale})")
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("table", choices=["table2"])
+    parser.add_argument("table", choices=["table2", "table3", "table4"])
     parser.add_argument("--scale", default="cpu", choices=["smoke", "cpu", "paper"])
     parser.add_argument("--results", type=Path, default=Path("results"))
     args = parser.parse_args()
-    {"table2": table2}[args.table](args.results, args.scale)
+    {"table2": table2, "table3": table3, "table4": table4}[args.table](args.results, args.scale)
 
 
 if __name__ == "__main__":

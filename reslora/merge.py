@@ -174,6 +174,15 @@ def merged_weights(model, mode: str) -> dict[ResLoraLinear, torch.Tensor]:
 
 
 @torch.no_grad()
+def delta_norms(model, mode: str) -> dict[str, dict[str, float]]:
+    """Per block: ||s B_n A_n||_F (its own LoRA update) and ||W*_n - W_n||_F (the merged update in ``mode``)."""
+    merged = merged_weights(model, mode)
+    return {name: {"own": float(torch.linalg.matrix_norm(layer.delta_weight().float())),
+                   "merged": float(torch.linalg.matrix_norm((merged[layer] - layer.weight).float()))}
+            for name, layer in model.named_reslora_layers().items()}
+
+
+@torch.no_grad()
 def export_peft_adapter(model, directory: str | Path, mode: str) -> None:
     """Write the merged model as a PEFT LoRA adapter: per block the factors (B*, A*) of
     ``low_rank_factors`` at the adapter's own scaling s, so ``bs`` blocks have rank (k+1) r."""

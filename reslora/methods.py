@@ -39,10 +39,13 @@ def eval_modes(method_cfg) -> list[str]:
     return ["unmerged"]
 
 
-def model_for_mode(model, mode: str):
-    """The model to evaluate in ``mode``: the training graph itself, or a freshly merged plain model."""
+def model_for_mode(model, mode: str, calibration=None):
+    """The model to evaluate in ``mode``: the training graph itself, or a freshly merged plain model.
+    ``calibration()`` yields training batches, for the least-squares merge."""
     if mode == "unmerged":
         return model
     if not isinstance(model, ResLoraModel):
         raise ValueError(f"eval mode {mode!r} applies to ResLoRA models only")
+    if mode == "merge_ls":
+        model.fit_merge_ls(calibration())
     return model.merge_and_unload(mode)

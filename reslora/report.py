@@ -4,6 +4,7 @@ every number comes from a record, so tables can be rebuilt at any time."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import matplotlib
@@ -22,6 +23,15 @@ TASK_LABELS = {"cola": "CoLA (Mcc)", "sst2": "SST-2 (Acc)", "mrpc": "MRPC (Acc)"
                "mnli": "MNLI (Acc)", "qnli": "QNLI (Acc)", "rte": "RTE (Acc)", "stsb": "STS-B (Pearson)",
                "wnli": "WNLI (Acc)"}
 RESLORA_ROWS = ("reslora_is", "reslora_bs", "reslora_ms")
+
+
+def label(method: str) -> str:
+    """A row's display name; the pre_num ablation's methods are named reslora_<variant>_pre<k>."""
+    match = re.fullmatch(r"reslora_(bs|ms)_pre(-?\d+)", method)
+    if match:
+        k = {"-1": "all"}.get(match.group(2), match.group(2))
+        return f"ResLoRA_{match.group(1)} pre_num={k}" + (" (= LoRA)" if k == "0" else "")
+    return ROW_LABELS.get(method, method)
 
 
 def headline_frame(records: list[dict]) -> pd.DataFrame:
@@ -53,7 +63,7 @@ def summary_table(frame: pd.DataFrame, methods: list[str], tasks: list[str]) -> 
             cells.append(f"**{text}**" if np.isclose(s["mean"], best[task]) else text)
             means.append(s["mean"])
         average = f"{np.mean(means):.2f}" if len(means) == len(tasks) else "—"
-        lines.append(f"| {ROW_LABELS.get(method, method)} | " + " | ".join(cells) + f" | {average} |")
+        lines.append(f"| {label(method)} | " + " | ".join(cells) + f" | {average} |")
     return "\n".join(lines)
 
 
@@ -75,7 +85,7 @@ def paired_comparison(frame: pd.DataFrame, tasks: list[str], baseline: str = "lo
                 continue
             diff = pairs[method] - pairs[baseline]
             cells.append(f"{diff.mean():+.2f} ({int((diff > 0).sum())}/{len(diff)} won)")
-        lines.append(f"| {ROW_LABELS.get(method, method)} − {ROW_LABELS[baseline]} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label(method)} − {label(baseline)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -115,7 +125,7 @@ def plot_curves(records: list[dict], kind: str, path: Path, methods: list[str], 
             length = min(len(s) for s, _ in runs)
             steps = runs[0][0][:length]
             values = np.stack([_smooth(v[:length], smooth) for _, v in runs])
-            line, = ax.plot(steps, values.mean(0), label=f"{ROW_LABELS.get(method, method)} (n={len(runs)})", lw=1.3)
+            line, = ax.plot(steps, values.mean(0), label=f"{label(method)} (n={len(runs)})", lw=1.3)
             ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.15)
         ax.set_title(TASK_LABELS.get(task, task))
         ax.set_xlabel("step")
@@ -124,6 +134,116 @@ def plot_curves(records: list[dict], kind: str, path: Path, methods: list[str], 
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    _save(fig, path)
+
+
+MODE_LABELS = {"unmerged": "before merge", "plain": "w/o merge", "merge_bi": "merge_bi", "merge_bw": "merge_bw",
+               "merge_ls": "merge_ls (ours)"}
+
+
+def mode_frame(records: list[dict]) -> pd.DataFrame:
+    """One row per successful run and eval mode: task, method, seed, mode, test headline metric in %."""
+    rows = [{"task": r["task"], "method": r["method"], "seed": r["seed"], "mode": mode,
+             "value": 100 * metrics["test"][r["headline_metric"]]}
+            for r in records if r.get("status") == "ok" for mode, metrics in r["final"].items()]
+    return pd.DataFrame(rows, columns=["task", "method", "seed", "mode", "value"])
+
+
+def mode_table(frame: pd.DataFrame, methods: list[str], modes: list[str], tasks: list[str]) -> str:
+    """Markdown: one row per (method, eval mode), tasks as columns, mean ± std (n) and the average."""
+    stats = frame.groupby(["method", "mode", "task"])["value"].agg(["mean", "std", "count"])
+    lines = ["| method | evaluated | " + " | ".join(TASK_LABELS.get(t, t) for t in tasks) + " | Avg. |",
+             "|---" * (len(tasks) + 3) + "|"]
+    for method in methods:
+        for mode in modes:
+            cells, means = [], []
+            for task in tasks:
+                if (method, mode, task) not in stats.index:
+                    cells.append("missing")
+                    continue
+                s = stats.loc[(method, mode, task)]
+                std = 0.0 if math.isnan(s["std"]) else s["std"]
+                cells.append(f"{s['mean']:.2f} ± {std:.2f} (n={int(s['count'])})")
+                means.append(s["mean"])
+            if means:
+                average = f"{np.mean(means):.2f}" if len(means) == len(tasks) else "—"
+                lines.append(f"| {label(method)} | {MODE_LABELS.get(mode, mode)} | "
+                             + " | ".join(cells) + f" | {average} |")
+    return "\n".join(lines)
+
+
+def mode_gaps(frame: pd.DataFrame, method: str, reference: str, modes: list[str]) -> dict[str, float]:
+    """Mean over tasks and seeds of (mode − reference mode), paired by task and seed, in points."""
+    wide = frame[frame["method"] == method].pivot_table(index=["task", "seed"], columns="mode", values="value")
+    return {m: float((wide[m] - wide[reference]).mean()) for m in modes if m in wide and reference in wide}
+
+
+def layer_index(name: str) -> int:
+    """The first integer component of a module name: the transformer layer."""
+    return next(int(p) for p in name.split(".") if p.isdigit())
+
+
+def plot_block_norm_heatmaps(records: list[dict], path: Path, task: str, reference: str, methods: list[str],
+                             title: str) -> None:
+    """Layers x target modules: ||merged block||_F of each method minus ||LoRA block||_F of ``reference``,
+    mean over seeds (the paper's Fig. 5)."""
+    def mean_norms(method: str, key: str) -> pd.DataFrame:
+        rows = [{"layer": layer_index(n), "module": n.rsplit(".", 1)[-1], "seed": r["seed"], "value": v[key]}
+                for r in records if r.get("status") == "ok" and r["task"] == task and r["method"] == method
+                for n, v in r.get("block_norms", {}).items()]
+        frame = pd.DataFrame(rows, columns=["layer", "module", "seed", "value"])
+        return frame.groupby(["layer", "module"])["value"].mean().unstack("module")
+
+    base = mean_norms(reference, "own")
+    panels = [(m, mean_norms(m, "merged") - base) for m in methods]
+    panels = [(m, d) for m, d in panels if not d.empty and d.notna().any().any()]
+    if base.empty or not panels:
+        return
+    limit = max(float(np.nanmax(np.abs(d.values))) for _, d in panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels) + 1, 3.8), squeeze=False)
+    for ax, (method, diff) in zip(axes[0], panels):
+        image = ax.imshow(diff.values, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+        ax.set_xticks(range(diff.shape[1]), diff.columns)
+        ax.set_yticks(range(diff.shape[0]), diff.index)
+        ax.set_title(label(method), fontsize=9)
+        ax.set_xlabel("module")
+    axes[0][0].set_ylabel("layer")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="Δ Frobenius norm")
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+
+
+def plot_grad_flow(records: list[dict], path: Path, methods: list[str], title: str) -> None:
+    """Per-layer gradient norms of A and B: over layers (mean over steps) and over steps (mean over layers),
+    mean over tasks, seeds and target modules; one line per method."""
+    rows = [{"method": r["method"], "step": g["step"], "layer": layer_index(n), "A": a, "B": b}
+            for r in records if r.get("status") == "ok" for g in r.get("grad_norms", [])
+            for n, (a, b) in g["layers"].items()]
+    frame = pd.DataFrame(rows, columns=["method", "step", "layer", "A", "B"])
+    if frame.empty:
+        return
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for row, which in enumerate(("A", "B")):
+        for method in _ordered(set(frame["method"]), methods):
+            part = frame[frame["method"] == method]
+            by_layer = part.groupby("layer")[which].mean()
+            by_step = part.groupby("step")[which].mean()
+            axes[row][0].plot(by_layer.index, by_layer.values, marker="o", ms=3, label=label(method))
+            axes[row][1].plot(by_step.index, by_step.values, label=label(method), lw=1)
+        axes[row][0].set_ylabel(f"‖∇{which}‖ (mean over steps)")
+        axes[row][1].set_ylabel(f"‖∇{which}‖ (mean over layers)")
+        axes[row][1].set_yscale("log")
+    axes[1][0].set_xlabel("layer")
+    axes[1][1].set_xlabel("step")
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    axes[0][1].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")

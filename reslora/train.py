@@ -25,7 +25,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .io import atomic_path
+from .merge import delta_norms
 from .methods import apply_method, eval_modes, model_for_mode
+from .model import ResLoraModel
 from .records import environment, is_done, record_path, write_record
 from .tasks import build_task
 from .wandb_logger import RunLogger
@@ -66,6 +68,20 @@ RUN_CONTROL_KEYS = ("debug", "logger", "skip_done", "continue_on_failure")
 
 def identity(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in RUN_CONTROL_KEYS}
+
+
+def adapter_grad_norms(model) -> dict[str, list[float]]:
+    """[||grad A||, ||grad B||] per adapted layer (ours: ``lora_A``; PEFT: ``lora_A.default.weight``), keyed by
+    the layer's name in the base model."""
+    norms: dict[str, list[float]] = {}
+    inner = model.base_model if isinstance(model, ResLoraModel) else model.base_model.model
+    for name, param in inner.named_parameters():
+        parts = name.split(".")
+        for which, key in enumerate(("lora_A", "lora_B")):
+            if key in parts and param.grad is not None:
+                layer = ".".join(parts[:parts.index(key)])
+                norms.setdefault(layer, [0.0, 0.0])[which] = float(param.grad.norm())
+    return norms
 
 
 def rng_state() -> dict:
@@ -175,14 +191,22 @@ def train_and_evaluate(cfg, run_dir: Path, record: dict, logger: RunLogger) -> N
     eval_loaders = dict(zip(eval_loaders, loaders))
     unwrapped = accelerator.unwrap_model(model)
 
+    def calibration_batches():
+        """The first training examples, in order, for the least-squares merge: training data only."""
+        loader = DataLoader(splits["train"], batch_size=t.batch_size, collate_fn=collate)
+        for i, batch in enumerate(loader):
+            if i == t.calibration_batches:
+                return
+            yield {k: v.to(accelerator.device) for k, v in batch.items() if k != "labels"}
+
     def evaluate(mode: str, split: str) -> dict[str, float]:
-        metrics = task.evaluate(model_for_mode(unwrapped, mode), eval_loaders[split], accelerator)
+        metrics = task.evaluate(model_for_mode(unwrapped, mode, calibration_batches), eval_loaders[split], accelerator)
         model.train()
         return metrics
 
     # Resume: the last checkpoint of this run dir, if any, restores everything the loop depends on.
     checkpoint = run_dir / "checkpoint.pt"
-    progress = {"step": 0, "epoch": 0, "position": 0, "train_loss": [], "eval": [], "best": None}
+    progress = {"step": 0, "epoch": 0, "position": 0, "train_loss": [], "eval": [], "grad_norms": [], "best": None}
     pending_rng = None
     if checkpoint.is_file():
         saved = torch.load(checkpoint, weights_only=False)
@@ -218,6 +242,9 @@ def train_and_evaluate(cfg, run_dir: Path, record: dict, logger: RunLogger) -> N
         with accelerator.accumulate(model):
             loss = task.loss(model(**batch), batch)
             accelerator.backward(loss)
+            step_ahead = progress["step"] + 1
+            if accelerator.sync_gradients and t.grad_norm_every and step_ahead % t.grad_norm_every == 0:
+                progress["grad_norms"].append({"step": step_ahead, "layers": adapter_grad_norms(unwrapped)})
             if accelerator.sync_gradients and t.max_grad_norm:
                 accelerator.clip_grad_norm_(params, t.max_grad_norm)
             optimizer.step()
@@ -256,8 +283,10 @@ def train_and_evaluate(cfg, run_dir: Path, record: dict, logger: RunLogger) -> N
     # Final evaluation: the model selected on validation, on the test split(s), in every eval mode.
     best = progress["best"]
     unwrapped.load_state_dict(best["state"], strict=False)
-    record.update(train_loss=progress["train_loss"], eval=progress["eval"],
+    record.update(train_loss=progress["train_loss"], eval=progress["eval"], grad_norms=progress["grad_norms"],
                   best={"step": best["step"], "validation": best["validation"]})
+    if isinstance(unwrapped, ResLoraModel):
+        record["block_norms"] = delta_norms(unwrapped, "plain" if modes[0] == "unmerged" else modes[0])
     record["final"] = {mode: {split: evaluate(mode, split) for split in eval_loaders if split != "validation"}
                        for mode in modes}
     record["headline"] = record["final"][modes[0]]["test"][task.headline]

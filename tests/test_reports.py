@@ -44,3 +44,39 @@ def test_table2_notebook_runs_on_the_records(table2_records, monkeypatch):
                    resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
     printed = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
     assert "8 records, 8 successful" in printed
+
+
+@pytest.fixture(scope="module")
+def ablation_records(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ablations")
+    train(tmp, "-m", "experiment=table3", "task=rte", "method=reslora_is,reslora_bs", "seed=0",
+          "hydra/launcher=joblib_cpu")
+    train(tmp, "-m", "experiment=table4", "task=mrpc", "method=reslora_bs", "method.pre_num=0,1,-1", "seed=0",
+          "train.grad_norm_every=2", "hydra/launcher=joblib_cpu")
+    return tmp / "results"
+
+
+@needs_data
+def test_ablation_tables_and_figures_from_records(ablation_records):
+    for table in ("table3", "table4"):
+        subprocess.run([sys.executable, str(ROOT / "experiments" / "tables.py"), table, "--scale", "smoke",
+                        "--results", str(ablation_records)], check=True, cwd=ROOT)
+    table3 = (ablation_records / "table3_smoke.md").read_text()
+    for mode in ("before merge", "w/o merge", "merge_bi", "merge_bw", "merge_ls (ours)"):
+        assert f"| ResLoRA_is | {mode} |" in table3
+    assert "- ResLoRA_is: vs before merge" in table3
+    table4 = (ablation_records / "table4_smoke.md").read_text()
+    assert "| ResLoRA_bs pre_num=0 (= LoRA) |" in table4 and "| ResLoRA_bs pre_num=all |" in table4
+    for name in ("fig4_loss_vs_prenum_smoke.png", "fig5_norm_heatmap_smoke.png", "grad_flow_smoke.png"):
+        assert (ablation_records / "figures" / name).stat().st_size > 10_000
+
+
+@needs_data
+def test_ablations_notebook_runs_on_the_records(ablation_records, monkeypatch):
+    monkeypatch.setenv("RESLORA_RESULTS", str(ablation_records))
+    monkeypatch.setenv("RESLORA_SCALE", "smoke")
+    notebook = nbformat.read(ROOT / "notebooks" / "ablations.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    printed = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
+    assert "table3: 2 records, table4: 3 records" in printed and "reslora_is vs before merge" in printed
