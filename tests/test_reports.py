@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,15 +34,19 @@ def test_table2_from_records(table2_records):
         assert (table2_records / "figures" / name).stat().st_size > 10_000
 
 
-@needs_data
-def test_table2_notebook_runs_on_the_records(table2_records, monkeypatch):
-    monkeypatch.setenv("RESLORA_RESULTS", str(table2_records))
+def execute_notebook(name: str, results: Path, monkeypatch) -> str:
+    """Run notebooks/<name> on the smoke records under ``results``; return what its cells printed."""
+    monkeypatch.setenv("RESLORA_RESULTS", str(results))
     monkeypatch.setenv("RESLORA_SCALE", "smoke")
-    notebook = nbformat.read(ROOT / "notebooks" / "table2.ipynb", as_version=4)
+    notebook = nbformat.read(ROOT / "notebooks" / name, as_version=4)
     NotebookClient(notebook, timeout=300, kernel_name="python3",
                    resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
-    printed = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
-    assert "8 records, 8 successful" in printed
+    return "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
+
+
+@needs_data
+def test_table2_notebook_runs_on_the_records(table2_records, monkeypatch):
+    assert "8 records, 8 successful" in execute_notebook("table2.ipynb", table2_records, monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +76,5 @@ def test_ablation_tables_and_figures_from_records(ablation_records):
 
 @needs_data
 def test_ablations_notebook_runs_on_the_records(ablation_records, monkeypatch):
-    monkeypatch.setenv("RESLORA_RESULTS", str(ablation_records))
-    monkeypatch.setenv("RESLORA_SCALE", "smoke")
-    notebook = nbformat.read(ROOT / "notebooks" / "ablations.ipynb", as_version=4)
-    NotebookClient(notebook, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
-    printed = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
+    printed = execute_notebook("ablations.ipynb", ablation_records, monkeypatch)
     assert "table3: 2 records, table4: 3 records" in printed and "reslora_is vs before merge" in printed
