@@ -109,7 +109,7 @@ class ResLoraLinear(nn.Module):
                 # Sum_k B_{n-k} A_{n-k} as one rank-(m+1)r product: one matmul pair, not m+1.
                 A = torch.cat([A, *(p.lora_A for p in self.prev)], dim=0)
                 B = torch.cat([B, *(p.lora_B for p in self.prev)], dim=1)
-            return out + self.scaling * F.linear(F.linear(self.lora_dropout(x), A), B)
+            return self._add_scaled(out, F.linear(F.linear(self.lora_dropout(x), A), B))
 
         state = self._forward_state()
         if self.variant == "is":
@@ -127,7 +127,13 @@ class ResLoraLinear(nn.Module):
                 for p in self.prev:
                     branch = branch + state.saved[p]
             self._record(state, x, ax)
-        return out + self.scaling * F.linear(branch, self.lora_B)
+        return self._add_scaled(out, F.linear(branch, self.lora_B))
+
+    def _add_scaled(self, out: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        # out + s * branch as one kernel (add with alpha): a separate multiply would be one more pass over a
+        # full (tokens x out) activation in every target layer, the largest cost of the LoRA branch after
+        # its two matmuls.
+        return torch.add(out, branch, alpha=self.scaling)
 
     def _forward_state(self) -> ForwardState:
         state = self._slot.current

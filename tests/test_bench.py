@@ -1,0 +1,52 @@
+"""`make bench` works: its quick mode runs every contestant on both workloads and writes a complete report.
+Speed is not asserted here (the numbers of a quick run on a busy test machine mean nothing)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+
+from bench import BASE, BASE_CONTROL, CONTESTANTS, TARGETS  # noqa: E402
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and value > 0
+
+
+def test_quick_bench_reports_every_contestant(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench.py"), "--quick", "--out", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["meta"]["threads"] == 1 and report["meta"]["quick"] is True
+    assert len(report["meta"]["loadavg_start"]) == 3
+    assert set(report["workloads"]) == {"minilm", "smollm2"}
+    keys = [c.key for c in CONTESTANTS]
+    for name, work in report["workloads"].items():
+        assert list(work["train"]) == keys, name
+        assert set(work["merge"]) == set(keys), name
+        assert set(work["inference"]) == {BASE, BASE_CONTROL, *keys}, name
+        for key in keys:
+            train = work["train"][key]
+            for field in ("step_s", "peak_bytes", "live_before_bytes", "step_peak_bytes", "peak_vs_lora",
+                          "trainable_params"):
+                assert positive(train[field]), (name, key, field, train[field])
+            assert all(positive(t) for t in train["step_s_rounds"])
+            assert positive(train["vs_peft_lora"]["median"]) and positive(train["vs_lora"]["median"])
+            assert positive(train["aten_ops"])
+            assert positive(work["merge"][key]["merge_s"])
+        for key, inference in work["inference"].items():
+            assert positive(inference["forward_s"]) and positive(inference["tokens_per_s"]), (name, key)
+            assert positive(inference["vs_base"]["median"])
+        # same adapter size everywhere: the residual paths add no parameter
+        assert len({work["train"][k]["trainable_params"] for k in keys}) == 1
+    assert len(report["targets"]) == 2 * len(TARGETS)
+    assert all(isinstance(t["met"], bool) and positive(t["ratio"]) and t["verdict"] for t in report["targets"])
+    text = (tmp_path / "bench.md").read_text()
+    assert "thread" in text and "Load average" in text
+    assert all(c.label in text for c in CONTESTANTS)
