@@ -265,13 +265,13 @@ def live_bytes(model, optimizer) -> int:
     return tensor_bytes([*model.parameters(), *model.buffers()]) + tensor_bytes(state)
 
 
-def profile_step(model, optimizer, batch) -> tuple[int, int]:
-    """One training step under torch.profiler: (peak of the running sum of its CPU allocations minus frees,
-    number of aten operators it ran, nested ones included)."""
+def profile_run(run) -> tuple[int, int]:
+    """``run()`` under torch.profiler: (peak of the running sum of its CPU allocations minus frees, number of
+    aten operators it ran, nested ones included)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        train_step(model, optimizer, batch)
+        run()
     events = prof.profiler.kineto_results.events()
     allocations = sorted((e.start_ns(), e.nbytes()) for e in events
                          if e.name() == "[memory]" and e.device_type() == DeviceType.CPU)
@@ -280,6 +280,12 @@ def profile_step(model, optimizer, batch) -> tuple[int, int]:
         running += nbytes
         peak = max(peak, running)
     return peak, sum(e.name().startswith("aten::") for e in events)
+
+
+def structure(model) -> list:
+    """What a forward's cost depends on: module classes, and shape, dtype and strides of every tensor."""
+    return ([(n, type(m).__name__) for n, m in model.named_modules()]
+            + [(n, tuple(t.shape), t.dtype, t.stride()) for n, t in [*model.named_parameters(), *model.named_buffers()]])
 
 
 def bench_workload(work: Workload, args, clock) -> dict:
@@ -308,7 +314,7 @@ def bench_workload(work: Workload, args, clock) -> dict:
     for k, m in models.items():
         gc.collect()
         before = live_bytes(m, optimizers[k])
-        step, ops = profile_step(m, optimizers[k], train_batch)
+        step, ops = profile_run(lambda: train_step(m, optimizers[k], train_batch))
         memory[k] = {"live_before_bytes": before, "step_peak_bytes": step, "peak_bytes": before + step,
                      "aten_ops": ops}
 
@@ -335,6 +341,11 @@ def bench_workload(work: Workload, args, clock) -> dict:
         infer_times, infer_ratios = paired_rounds({k: (lambda k=k: infer[k](**infer_batch)) for k in infer},
                                                   BASE, args.infer_rounds, args.warmup, seed=2, clock=clock)
     infer_ratios[BASE] = [1.0] * args.infer_rounds
+    # Deterministic evidence that merging costs nothing: the same modules, parameter shapes, dtypes and
+    # strides as the base, and the same operators in a forward.
+    with torch.inference_mode():
+        infer_ops = {k: profile_run(lambda k=k: infer[k](**infer_batch))[1] for k in infer}
+    same_structure = {k: structure(m) == structure(work.base) for k, m in infer.items()}
     print(f"[{work.key}] inference timed", flush=True)
     del infer, merged
     gc.collect()
@@ -354,7 +365,8 @@ def bench_workload(work: Workload, args, clock) -> dict:
     for k in infer_times:
         med = statistics.median(infer_times[k])
         inference[k] = {"forward_s": med, "forward_s_rounds": infer_times[k], "tokens_per_s": tokens / med,
-                        "vs_base": quartiles(infer_ratios[k]), "vs_base_rounds": infer_ratios[k]}
+                        "vs_base": quartiles(infer_ratios[k]), "vs_base_rounds": infer_ratios[k],
+                        "aten_ops": infer_ops[k], "same_structure_as_base": same_structure[k]}
     merge_stats = {k: {"mode": contestants[k].merge_mode if contestants[k].variant else "peft merge_and_unload",
                        "merge_s": statistics.median(v), "merge_s_repeats": v} for k, v in merge_times.items()}
     return {
@@ -444,6 +456,14 @@ def reading(report: dict) -> list[str]:
                            if k not in (REFERENCE_OURS, CONTROL))
         lines.append(f"- {wkey}, aten operators per training step (deterministic, from the profiled step): our lora "
                      f"{ops[REFERENCE_OURS]:,d}; the others against it: {others}.")
+        inf = w["inference"]
+        merged = [k for k in inf if k not in (BASE, BASE_CONTROL)]
+        same = [k for k in merged if inf[k]["same_structure_as_base"] and inf[k]["aten_ops"] == inf[BASE]["aten_ops"]]
+        differ = [LABELS[k] for k in merged if k not in same]
+        lines.append(f"- {wkey}, merged models: {len(same)} of {len(merged)} have the base model's modules, tensor "
+                     f"shapes, dtypes and strides and run the same {inf[BASE]['aten_ops']:,d} aten operators per "
+                     "forward" + (f"; these differ: {', '.join(differ)}" if differ else
+                                  ", so any measured difference in their forward time is noise") + ".")
     unmet = [t for t in report["targets"] if not t["met"]]
     if not unmet:
         lines.append("- Every target is met in this run.")
@@ -456,8 +476,7 @@ def reading(report: dict) -> list[str]:
         "(x_n + x_{n-1}), whose gradient also flows to x_{n-1}, and one norm for the merge statistics; `ms` up to "
         "pre_num adds over the rank-r intermediate (tokens x r) and two norms; `bs` the concatenation of the "
         "(m+1) A and B and a rank-(m+1)r product instead of rank r. The statistics are written on the device "
-        "without a host sync. The merged models are plain models of the base class (checked by the bench), so "
-        "their cost can differ from the base model's only by noise.",
+        "without a host sync.",
     ]
     return lines
 
@@ -538,17 +557,19 @@ def markdown(report: dict) -> str:
             "",
             "| contestant | trainable params | step (s) | aten ops per step | peak memory (MiB) | "
             "live before step (MiB) | step peak above live (MiB) | merge mode | merge (s) | merged forward (s) "
-            "| tokens/s |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| tokens/s | aten ops per forward |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for k in (BASE, BASE_CONTROL):
             i = w["inference"][k]
-            lines.append(f"| {LABELS[k]} | | | | | | | | | {i['forward_s']:.4f} | {i['tokens_per_s']:.0f} |")
+            lines.append(f"| {LABELS[k]} | | | | | | | | | {i['forward_s']:.4f} | {i['tokens_per_s']:.0f} | "
+                         f"{i['aten_ops']:,d} |")
         for k, t in w["train"].items():
             m, i = w["merge"][k], w["inference"][k]
             lines.append(f"| {LABELS[k]} | {t['trainable_params']:,d} | {t['step_s']:.4f} | {t['aten_ops']:,d} | "
                          f"{mib(t['peak_bytes'])} | {mib(t['live_before_bytes'])} | {mib(t['step_peak_bytes'])} | "
-                         f"{m['mode']} | {m['merge_s']:.3f} | {i['forward_s']:.4f} | {i['tokens_per_s']:.0f} |")
+                         f"{m['mode']} | {m['merge_s']:.3f} | {i['forward_s']:.4f} | {i['tokens_per_s']:.0f} | "
+                         f"{i['aten_ops']:,d} |")
     lines += ["", "## Reading this run", "", *reading(report)]
     return "\n".join(lines) + "\n"
 

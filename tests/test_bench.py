@@ -42,7 +42,8 @@ def test_quick_bench_reports_every_contestant(tmp_path):
             assert positive(work["merge"][key]["merge_s"])
         for key, inference in work["inference"].items():
             assert positive(inference["forward_s"]) and positive(inference["tokens_per_s"]), (name, key)
-            assert positive(inference["vs_base"]["median"])
+            assert positive(inference["vs_base"]["median"]) and positive(inference["aten_ops"])
+            assert inference["same_structure_as_base"] is True, (name, key)
         # same adapter size everywhere: the residual paths add no parameter
         assert len({work["train"][k]["trainable_params"] for k in keys}) == 1
     assert len(report["targets"]) == 2 * len(TARGETS)
