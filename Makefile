@@ -22,7 +22,7 @@ $(VENV)/.installed: requirements.txt requirements-nodeps.txt pyproject.toml
 train: setup ## one GLUE run on the default config (MRPC, ResLoRA_bs, MiniLM-L6, cpu scale)
 	$(PY) experiments/train.py
 
-test: setup ## the fast test suite (about 6 minutes on 2 cores)
+test: setup ## the fast test suite (slow end-to-end checks: make test-slow)
 	$(PY) -m pytest -q
 
 test-slow: setup ## end-to-end checks marked slow
