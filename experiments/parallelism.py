@@ -17,7 +17,7 @@ from pathlib import Path
 from reslora.io import atomic_path
 
 ROOT = Path(__file__).resolve().parents[1]
-CELLS = ["task=mrpc", "method=reslora_bs", "seed=0,1"]
+CELLS = ["task=mrpc", "method=reslora_bs", "seed=0,1"]  # the cpu scale as configured
 WAYS = {
     "2 jobs x 1 thread (hydra/launcher=joblib_cpu)": ["threads=1", "hydra/launcher=joblib_cpu"],
     "1 job x 2 threads (basic launcher, sequential)": ["threads=2"],

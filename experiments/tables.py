@@ -1,5 +1,6 @@
 """Build a paper table and its figures from the run records under results/records/.
 
+    python experiments/tables.py table1 --scale cpu      # Table 1 (NLG) and its loss plot
     python experiments/tables.py table2 --scale cpu      # Table 2 (GLUE) and its convergence plots
     python experiments/tables.py table3 --scale cpu      # Table 3 (merge ablation, + merge_ls)
     python experiments/tables.py table4 --scale cpu      # Table 4, Fig. 4, Fig. 5 and gradient flow
@@ -20,16 +21,17 @@ TABLE2_TASKS = {"paper": ["cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte", 
 TABLE2_ROWS = ["lora", "lora_r16", "adalora", "loha", "lokr", "reslora_is", "reslora_bs", "reslora_ms"]
 
 
-def settings_line(records: list[dict]) -> str:
+def settings_line(records: list[dict], test: str = "GLUE dev") -> str:
     """The scale's shared settings, read from a record (identical across rows by construction)."""
-    c = records[0]["config"]
+    c = next(r for r in records if r["config"]["method"]["kind"] != "none")["config"]
     d, t = c["data"], c["train"]
     return (f"model {c['model']['name']}; train subset {d['max_train_samples']} examples, validation "
-            f"{d['val_samples']} (carved from train, used for model selection), test = GLUE dev "
+            f"{d['val_samples']} (carved from train, used for model selection), test = {test} "
             f"(at most {d['max_test_samples']} examples); max length {d['max_length']}; "
             f"{t['max_steps'] or str(t['epochs']) + ' epochs'} steps of batch {t['batch_size']}×{t['grad_accum']}; "
             f"lr {t['lr']}, warmup {t['warmup_ratio']}, weight decay {t['weight_decay']}; "
-            f"targets {c['model']['target_modules']}; head trained ({c['model']['modules_to_save']})")
+            f"targets {c['model']['target_modules']}"
+            + (f"; head trained ({c['model']['modules_to_save']})" if c["model"]["modules_to_save"] else ""))
 
 
 def method_lines(records: list[dict], rows: list[str]) -> list[str]:
@@ -39,6 +41,9 @@ def method_lines(records: list[dict], rows: list[str]) -> list[str]:
     for method in rows:
         if method in seen:
             m = seen[method]
+            if m["kind"] == "none":
+                lines.append(f"- {label(method)}: the base model, no adapter, no training")
+                continue
             keys = ("variant", "r", "lora_alpha", "lora_dropout", "pre_num") if m["kind"] == "reslora" else ()
             params = {k: m[k] for k in keys} if keys else m["peft"]
             lines.append(f"- {label(method)}: " + ", ".join(f"{k}={v}" for k, v in params.items()))
@@ -67,6 +72,48 @@ def write_markdown(path: Path, lines: list[str]) -> None:
 def output_name(stem: str, scale: str, suffix: str) -> str:
     """cpu-scale outputs keep the plain name; other scales carry theirs."""
     return f"{stem}{'' if scale == 'cpu' else '_' + scale}{suffix}"
+
+
+TABLE1_TASKS = ["gsm8k", "svamp", "mathqa", "metamathqa", "hellaswag"]
+TABLE1_ROWS = ["zero_shot", *TABLE2_ROWS]
+
+
+def table1(results: Path, scale: str) -> Path:
+    records = records_of(results, scale, "table1")
+    frame = headline_frame(records)
+    tasks = [t for t in TABLE1_TASKS if t in set(frame["task"])]
+    rows = [m for m in TABLE1_ROWS if m in set(frame["method"])] + sorted(set(frame["method"]) - set(TABLE1_ROWS))
+    text = [
+        f"# Table 1 (NLG), scale `{scale}`",
+        "",
+        f"Built by `make table1 SCALE={scale}` from {len(frame)} run records (`results/records/{scale}/table1/`).",
+        f"Settings, identical for every row: {settings_line(records, 'the test split')}; greedy "
+        "generation, the answer read after \"The answer is\". Splits: "
+        + "; ".join(sorted({f"{r['task']}: {r['split_note']}" for r in records if r.get("split_note")})) + ".",
+        "Cells: test accuracy in %, mean ± std over seeds (n = seeds; rows with n=1 ran one seed to fit the "
+        "budget). ResLoRA rows are evaluated after merging (bs exactly, is/ms with merge_bi). Best mean per "
+        "column in bold. Zero-shot = the base model before fine-tuning (greedy decoding has no seed).",
+        "",
+        "Rows:",
+        *method_lines(records, rows),
+        "",
+        summary_table(frame, rows, tasks),
+        "",
+        "## Paired comparison with LoRA (r=4)",
+        "",
+        "Per task: mean over seeds of (ResLoRA − LoRA), same seed, same data; and how many seeds ResLoRA won.",
+        "",
+        paired_comparison(frame, tasks),
+        "",
+        "Figure: `figures/table1_loss.png` (train loss on the target tokens, moving average over 10 steps; mean "
+        "over seeds, band = min–max).",
+    ]
+    out = results / output_name("table1", scale, ".md")
+    write_markdown(out, text + failed_lines(records))
+    trained = [r for r in records if r["config"]["method"]["kind"] != "none"]
+    plot_curves(trained, "train_loss", results / "figures" / output_name("table1_loss", scale, ".png"),
+                [m for m in rows if m != "zero_shot"], tasks, f"Table 1 runs ({scale}): train loss", smooth=10)
+    return out
 
 
 def table2(results: Path, scale: str) -> Path:
@@ -110,9 +157,10 @@ TABLE3_MODES = ["unmerged", "plain", "merge_bi", "merge_bw", "merge_ls"]
 
 
 def table3(results: Path, scale: str) -> Path:
-    records = records_of(results, scale, "table3")
-    frame = mode_frame(records)
     methods = ["reslora_is", "reslora_ms", "reslora_bs"]
+    records = [r for r in records_of(results, scale, "table2")  # the ResLoRA cells of Table 2, every mode
+               if r["method"] in methods and r["task"] in TABLE3_TASKS]
+    frame = mode_frame(records)
     claims = []
     for method in ("reslora_is", "reslora_ms"):
         gaps = mode_gaps(frame, method, "unmerged", TABLE3_MODES[1:])
@@ -124,7 +172,8 @@ def table3(results: Path, scale: str) -> Path:
     text = [
         f"# Table 3 (merge ablation), scale `{scale}`",
         "",
-        f"Built by `make table3 SCALE={scale}` from {len(records)} run records (`results/records/{scale}/table3/`).",
+        f"Built by `make table3 SCALE={scale}` from {len(records)} run records: the ResLoRA cells of Table 2 "
+        f"(`results/records/{scale}/table2/`), each evaluated in every mode.",
         f"Settings: {settings_line(records)}. Each trained model (selected on validation with merge_bi for "
         "is/ms, exact for bs) is evaluated on the test split in every mode: before merge = the training graph "
         "with its residual paths; w/o merge = residual paths dropped (W + sBA); merge_bi / merge_bw = the "
@@ -184,11 +233,11 @@ def table4(results: Path, scale: str) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("table", choices=["table2", "table3", "table4"])
+    parser.add_argument("table", choices=["table1", "table2", "table3", "table4"])
     parser.add_argument("--scale", default="cpu", choices=["smoke", "cpu", "paper"])
     parser.add_argument("--results", type=Path, default=Path("results"))
     args = parser.parse_args()
-    {"table2": table2, "table3": table3, "table4": table4}[args.table](args.results, args.scale)
+    {"table1": table1, "table2": table2, "table3": table3, "table4": table4}[args.table](args.results, args.scale)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ def apply_method(model, method_cfg, model_cfg, total_steps: int):
             options["total_step"] = total_steps
         options.update(target_modules=targets, modules_to_save=head or None)
         return get_peft_model(model, get_peft_config(options))
-    raise ValueError(f"method.kind={method_cfg.kind!r}; choose 'reslora' or 'peft'")
+    raise ValueError(f"method.kind={method_cfg.kind!r}; choose 'reslora' or 'peft' (or 'none': no adapter, "
+                     "no training, a reference row)")
 
 
 def eval_modes(method_cfg) -> list[str]:

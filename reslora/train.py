@@ -152,6 +152,22 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def evaluate_base(cfg, task, model, splits, accelerator, record: dict, logger: RunLogger) -> None:
+    """The reference row (method kind ``none``, e.g. zero-shot): the base model as it is, on the test
+    split(s), without training."""
+    model.requires_grad_(False)
+    loaders = {name: DataLoader(ds, batch_size=cfg.train.eval_batch_size, collate_fn=task.collate())
+               for name, ds in splits.items() if name.startswith("test")}
+    model, *prepared = accelerator.prepare(model, *loaders.values())
+    record.update(trainable_params=0, total_params=sum(p.numel() for p in model.parameters()), total_steps=0,
+                  headline_mode="unmerged", headline_metric=task.headline, train_loss=[], eval=[], grad_norms=[],
+                  train_loop_s=0.0)
+    record["final"] = {"unmerged": {name: task.evaluate(model, loader, accelerator)
+                                    for name, loader in zip(loaders, prepared)}}
+    record["headline"] = record["final"]["unmerged"]["test"][task.headline]
+    logger.summary({"headline": record["headline"]})
+
+
 def train_and_evaluate(cfg, run_dir: Path, record: dict, logger: RunLogger) -> None:
     t = cfg.train
     torch.set_num_threads(cfg.threads)
@@ -168,6 +184,10 @@ def train_and_evaluate(cfg, run_dir: Path, record: dict, logger: RunLogger) -> N
     base = task.load_model(cfg.model)
     splits = task.datasets()
     record["data_sizes"] = {name: len(ds) for name, ds in splits.items()}
+    if getattr(task, "split_note", None):  # where the splits came from, when the mirror decided them
+        record["split_note"] = task.split_note
+    if cfg.method.kind == "none":
+        return evaluate_base(cfg, task, base, splits, accelerator, record, logger)
     steps_per_epoch = math.ceil(len(splits["train"]) / (t.batch_size * t.grad_accum * accelerator.num_processes))
     total_steps = t.max_steps or t.epochs * steps_per_epoch
     set_seed(cfg.seed)

@@ -26,7 +26,8 @@ def group_options(group: str) -> list[str]:
 def train(tmp_path: Path, *overrides: str, check: bool = True, launcher: list[str] | None = None):
     """Run experiments/train.py at smoke scale with runs and records under tmp_path."""
     flags = [o for o in overrides if o.startswith("-")]
-    command = [*(launcher or [sys.executable]), str(ROOT / "experiments" / "train.py"), *flags, "scale=smoke",
+    scale = [] if any(o.startswith("scale=") for o in overrides) else ["scale=smoke"]  # or another smoke scale
+    command = [*(launcher or [sys.executable]), str(ROOT / "experiments" / "train.py"), *flags, *scale,
                "logger.mode=disabled", f"runs_dir={tmp_path / 'runs'}", f"results_dir={tmp_path / 'results'}",
                *(o for o in overrides if not o.startswith("-"))]
     env = {**os.environ, "DATA_MIRROR": str(Path(MIRROR).resolve()) if MIRROR else "",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -78,3 +79,23 @@ def test_ablation_tables_and_figures_from_records(ablation_records):
 def test_ablations_notebook_runs_on_the_records(ablation_records, monkeypatch):
     printed = execute_notebook("ablations.ipynb", ablation_records, monkeypatch)
     assert "table3: 2 records, table4: 3 records" in printed and "reslora_is vs before merge" in printed
+
+
+@needs_data
+def test_table1_with_zero_shot_reference_from_records(tmp_path):
+    train(tmp_path, "-m", "experiment=table1", "scale=smoke_nlg", "task=svamp", "method=lora,zero_shot",
+          "seed=0", "hydra/launcher=joblib_cpu")
+    results = tmp_path / "results"
+    zero_shot = json.loads((results / "records/smoke/table1/svamp/zero_shot/seed0.json").read_text())
+    assert zero_shot["status"] == "ok" and zero_shot["trainable_params"] == 0 and zero_shot["train_loss"] == []
+    assert zero_shot["config"]["model"]["name"] == "smollm2-135m" and 0 <= zero_shot["headline"] <= 1
+    trained = json.loads((results / "records/smoke/table1/svamp/lora/seed0.json").read_text())
+    assert trained["config"]["method"]["lora_alpha"] == 8 and trained["total_steps"] == 2  # the NLG alpha
+    assert "700/300" in trained["split_note"]
+    subprocess.run([sys.executable, str(ROOT / "experiments" / "tables.py"), "table1", "--scale", "smoke",
+                    "--results", str(results)], check=True, cwd=ROOT)
+    text = (results / "table1_smoke.md").read_text()
+    for row in ("Zero-shot (base model)", "LoRA (r=4)"):
+        assert f"| {row} |" in text
+    assert "SVAMP (Acc)" in text and "svamp: 1,000 items split 700/300" in text
+    assert (results / "figures" / "table1_loss_smoke.png").stat().st_size > 10_000
