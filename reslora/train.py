@@ -182,6 +182,8 @@ def train_and_evaluate(cfg, run_dir: Path, record: dict, logger: RunLogger) -> N
     task = build_task(cfg)
     set_seed(cfg.seed)
     base = task.load_model(cfg.model)
+    if hasattr(task, "assets"):  # what the task built its judge and base from (text2image)
+        record["assets"] = task.assets()
     splits = task.datasets()
     record["data_sizes"] = {name: len(ds) for name, ds in splits.items()}
     if getattr(task, "split_note", None):  # where the splits came from, when the mirror decided them
@@ -260,7 +262,7 @@ def train_and_evaluate(cfg, run_dir: Path, record: dict, logger: RunLogger) -> N
             set_rng_state(pending_rng)
             pending_rng = None
         with accelerator.accumulate(model):
-            loss = task.loss(model(**batch), batch)
+            loss = task.loss(model, batch)
             accelerator.backward(loss)
             step_ahead = progress["step"] + 1
             if accelerator.sync_gradients and t.grad_norm_every and step_ahead % t.grad_norm_every == 0:

@@ -21,8 +21,8 @@ class RunLogger:
                                   config=config, dir=str(run_dir), reinit="finish_previous")
 
     def log(self, values: dict, step: int) -> None:
-        if self.run is not None:
-            self.run.log(values, step=step)
+        if self.run is not None:  # numbers only (text2image metrics also carry a PNG of samples)
+            self.run.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
 
     def summary(self, values: dict) -> None:
         if self.run is not None:

@@ -384,3 +384,36 @@ def test_target_modules_match_whole_suffixes_only():
     assert sorted(model.named_reslora_layers()) == [f"bert.encoder.layer.{i}.attention.self.query" for i in range(3)]
     regex = get_reslora_model(BERT.build(), ResLoraConfig(target_modules=r".*layer\.[01]\.attention\.self\.value"))
     assert sorted(regex.named_reslora_layers()) == [f"bert.encoder.layer.{i}.attention.self.value" for i in range(2)]
+
+
+def _unet_with_equal_widths():
+    """Attention in the last down block, the middle block and the first up block, all 16 wide: one chain per
+    target name runs down -> mid -> up, while diffusers registers up_blocks before mid_block."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, cross_attention_dim=8, attention_head_dim=2,
+        norm_num_groups=4, sample_size=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")).eval()
+
+
+@pytest.mark.parametrize("variant", ["is", "ms"])
+def test_layer_order_makes_chains_follow_the_order_blocks_run(variant):
+    inputs = UNET.inputs()
+    config = dict(variant=variant, r=2, pre_num=2, target_modules=["to_q", "to_out.0"])
+    unordered = get_reslora_model(_unet_with_equal_widths(), ResLoraConfig(**config))
+    randomize(unordered, seed=3)
+    with pytest.raises(RuntimeError, match="did not run earlier in this forward"):
+        unordered(**inputs)
+    model = get_reslora_model(_unet_with_equal_widths(),
+                              ResLoraConfig(**config, layer_order=["down_blocks", "mid_block", "up_blocks"]))
+    randomize(model, seed=3)
+    with torch.no_grad():
+        first, second = model(**inputs).sample, model(**inputs).sample
+    torch.testing.assert_close(first, second, atol=0, rtol=0)
+    to_q = next(c for c in model.chains if c.names[0].endswith("attn1.to_q"))
+    blocks = [n.split(".")[0] for n in to_q.names]
+    assert blocks == sorted(blocks, key=["down_blocks", "mid_block", "up_blocks"].index) and "mid_block" in blocks
+    with pytest.raises(ValueError, match="layer_order="):
+        ResLoraConfig(layer_order=["down_blocks", ""])

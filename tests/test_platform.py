@@ -23,7 +23,8 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-def train(tmp_path: Path, *overrides: str, check: bool = True, launcher: list[str] | None = None):
+def train(tmp_path: Path, *overrides: str, check: bool = True, launcher: list[str] | None = None,
+          cache: Path | None = None):
     """Run experiments/train.py at smoke scale with runs and records under tmp_path."""
     flags = [o for o in overrides if o.startswith("-")]
     scale = [] if any(o.startswith("scale=") for o in overrides) else ["scale=smoke"]  # or another smoke scale
@@ -31,7 +32,7 @@ def train(tmp_path: Path, *overrides: str, check: bool = True, launcher: list[st
                "logger.mode=disabled", f"runs_dir={tmp_path / 'runs'}", f"results_dir={tmp_path / 'results'}",
                *(o for o in overrides if not o.startswith("-"))]
     env = {**os.environ, "DATA_MIRROR": str(Path(MIRROR).resolve()) if MIRROR else "",
-           "RESLORA_CACHE": str(ROOT / ".cache"), "HYDRA_FULL_ERROR": "0"}
+           "RESLORA_CACHE": str(cache or ROOT / ".cache"), "HYDRA_FULL_ERROR": "0"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stderr[-4000:]}")

@@ -17,4 +17,9 @@ def build_task(cfg):
         from .reasoning import ReasoningTask
 
         return ReasoningTask(cfg.task, cfg.data, cfg.seed)
-    raise ValueError(f"task.family={cfg.task.family!r} is not supported; choose one of ['glue', 'reasoning']")
+    if cfg.task.family == "text2image":
+        from .text2image import Text2ImageTask
+
+        return Text2ImageTask(cfg.task, cfg.data, cfg.seed)
+    raise ValueError(f"task.family={cfg.task.family!r} is not supported; choose one of ['glue', 'reasoning', "
+                     "'text2image']")

@@ -177,8 +177,8 @@ class GlueTask:
     def collate(self):
         return DataCollatorWithPadding(self.tokenizer)
 
-    def loss(self, outputs, batch) -> torch.Tensor:
-        return outputs.loss
+    def loss(self, model, batch) -> torch.Tensor:
+        return model(**batch).loss
 
     @torch.no_grad()
     def evaluate(self, model, loader, accelerator) -> dict[str, float]:

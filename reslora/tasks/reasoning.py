@@ -244,8 +244,8 @@ class ReasoningTask:
 
         return collate
 
-    def loss(self, outputs, batch):
-        return outputs.loss
+    def loss(self, model, batch):
+        return model(**batch).loss
 
     def evaluate(self, model, loader, accelerator) -> dict[str, float]:
         import torch

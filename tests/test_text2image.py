@@ -1,0 +1,70 @@
+"""Text-to-image (Fig. 3) end to end at smoke scale: pretrain a base, fine-tune three methods, build the figure.
+Fashion-MNIST is replaced by a few random images in its file format here (a plumbing test, no metric)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from reslora.tasks.text2image import base_captions, fashion_mnist, read_idx, target_captions
+from test_platform import ROOT, train
+
+
+def write_idx(path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def fake_fashion(directory, n: int = 64):
+    rng = np.random.default_rng(0)
+    write_idx(directory / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+    write_idx(directory / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+
+
+def test_idx_files_round_trip_and_a_missing_set_says_how_to_get_it(tmp_path):
+    fake_fashion(tmp_path)
+    images, labels = fashion_mnist(tmp_path)
+    assert images.shape == (64, 28, 28) and labels.shape == (64,) and images.flags.writeable
+    np.testing.assert_array_equal(read_idx(tmp_path / "train-labels-idx1-ubyte.gz"), labels)
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        fashion_mnist(tmp_path / "nowhere")
+    assert base_captions()[9] == "a photo of an ankle boot" and target_captions()[7] == "a drawing of the digit seven"
+
+
+def test_fig3_pipeline_at_smoke_scale(tmp_path):
+    images, cache = tmp_path / "images", tmp_path / "cache"
+    images.mkdir()
+    fake_fashion(images)
+    classifier = ROOT / ".cache" / "t2i" / "digit_classifier.pt"
+    if classifier.is_file():  # trained once per machine (about half a minute)
+        (cache / "t2i").mkdir(parents=True)
+        shutil.copy(classifier, cache / "t2i")
+    env = {**os.environ, "RESLORA_CACHE": str(cache)}
+    subprocess.run([sys.executable, str(ROOT / "experiments" / "t2i_base.py"), "--images", str(images), "--cache",
+                    str(cache), "--name", "t2i-smoke-base", "--steps", "2", "--batch-size", "4", "--threads", "1"],
+                   check=True, cwd=ROOT, env=env, capture_output=True)
+    base = json.loads((cache / "t2i" / "t2i-smoke-base" / "base.json").read_text())
+    assert base["args"]["steps"] == 2 and len(base["loss"]) == 2
+
+    train(tmp_path, "-m", "experiment=fig3", "scale=smoke_t2i", "seed=0", "hydra/launcher=joblib_cpu", cache=cache)
+    results = tmp_path / "results"
+    for method in ("lora", "reslora_is", "reslora_bs_pre5"):
+        record = json.loads((results / f"records/smoke/fig3/text2image/{method}/seed0.json").read_text())
+        assert record["status"] == "ok", record.get("error")
+        assert record["headline_mode"] == "merge_bi" and set(record["final"]) == {"merge_bi", "unmerged"}
+        assert 0 <= record["headline"] <= 1 and record["assets"]["base"]["args"]["steps"] == 2
+    subprocess.run([sys.executable, str(ROOT / "experiments" / "tables.py"), "fig3", "--scale", "smoke",
+                    "--results", str(results)], check=True, cwd=ROOT)
+    text = (results / "fig3_smoke.md").read_text()
+    for row in ("LoRA (r=4)", "ResLoRA_is", "ResLoRA_bs pre_num=5"):
+        assert f"| {row} |" in text
+    for name in ("fig3_curves_smoke.png", "fig3_samples_smoke.png"):
+        assert (results / "figures" / name).stat().st_size > 5_000
