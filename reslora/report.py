@@ -167,7 +167,7 @@ def plot_sample_grid(records: list[dict], path: Path, methods: list[str], seed: 
     if not rows:
         return
     steps = [e["step"] for e in runs[rows[0]]["eval"]]
-    fig, axes = plt.subplots(len(rows), len(steps) + 1, figsize=(2.2 * (len(steps) + 1), 0.5 + 0.6 * len(rows)),
+    fig, axes = plt.subplots(len(rows), len(steps) + 1, figsize=(1.5 + 2.2 * (len(steps) + 1), 0.9 + 0.6 * len(rows)),
                              squeeze=False)
     for i, method in enumerate(rows):
         r = runs[method]
@@ -181,7 +181,7 @@ def plot_sample_grid(records: list[dict], path: Path, methods: list[str], seed: 
             ax.set_yticks([])
             if i == 0:
                 ax.set_title(name, fontsize=7)
-        axes[i][0].set_ylabel(label(method), fontsize=7)
+        axes[i][0].set_ylabel(label(method), fontsize=7, rotation=0, ha="right", va="center")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     _save(fig, path)

@@ -64,6 +64,19 @@ def test_paper_scale_uses_the_papers_model_and_hyper_parameters():
     assert cfg.train.epochs == 5 and cfg.train.batch_size * cfg.train.grad_accum == 128
 
 
+def test_nlg_and_text_to_image_paper_scales_use_the_authors_settings():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        nlg = compose("config", overrides=["scale=paper_nlg", "task=gsm8k", "method=loha"])
+        t2i = compose("config", overrides=["scale=paper_t2i", "method=reslora_bs_pre5"])
+        cpu_nlg = compose("config", overrides=["scale=cpu_nlg", "task=svamp", "method=reslora_is"])
+    assert nlg.model.name == "llama2-7b" and nlg.method.peft.alpha == 8 and nlg.train.lr == 1e-4
+    assert nlg.train.batch_size * nlg.train.grad_accum == 128 and nlg.train.epochs == 20
+    assert cpu_nlg.model.name == "smollm2-135m" and cpu_nlg.method.lora_alpha == 8 and cpu_nlg.scale.name == "cpu"
+    assert t2i.model.name == "sd2" and t2i.task.name == "naruto" and t2i.seed == 42
+    assert (t2i.method.r, t2i.method.lora_alpha, t2i.method.pre_num, t2i.method.lora_dropout) == (32, 64, 5, 0.05)
+    assert t2i.train.batch_size * t2i.train.grad_accum == 32 and t2i.train.epochs == 10
+
+
 @needs_data
 def test_smoke_multirun_over_two_methods_writes_two_records(tmp_path):
     train(tmp_path, "-m", "task=rte", "method=lora,reslora_is")

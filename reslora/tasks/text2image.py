@@ -57,18 +57,26 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape).copy()
 
 
+FASHION_HUB = "zalando-datasets/fashion_mnist"
+
+
 def fashion_mnist(directory: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Fashion-MNIST's 60,000 training images and labels from a directory of the original gzipped IDX files
-    (Debian's ``dataset-fashion-mnist`` installs them in /usr/share/datasets/fashion-mnist)."""
+    (Debian's ``dataset-fashion-mnist`` installs them in /usr/share/datasets/fashion-mnist), else the hub."""
     directory = Path(directory)
     images, labels = directory / "train-images-idx3-ubyte.gz", directory / "train-labels-idx1-ubyte.gz"
-    for path in (images, labels):
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} does not exist: install Debian's package (`apt-get install dataset-fashion-mnist`) or "
-                "point task.base_images at a directory holding Fashion-MNIST's train-images-idx3-ubyte.gz and "
-                "train-labels-idx1-ubyte.gz")
-    return read_idx(images), read_idx(labels)
+    if images.is_file() and labels.is_file():
+        return read_idx(images), read_idx(labels)
+    try:
+        from datasets import load_dataset
+
+        data = load_dataset(FASHION_HUB, split="train")
+    except (ConnectionError, OSError) as error:
+        raise FileNotFoundError(
+            f"{images} does not exist and the hub ({FASHION_HUB}) cannot be reached ({type(error).__name__}): install "
+            "Debian's package (`apt-get install dataset-fashion-mnist`) or pass --images DIR holding Fashion-MNIST's "
+            "train-images-idx3-ubyte.gz and train-labels-idx1-ubyte.gz") from error
+    return np.stack([np.asarray(image) for image in data["image"]]), np.asarray(data["label"], dtype=np.uint8)
 
 
 def mnist_digits() -> tuple[np.ndarray, np.ndarray]:
