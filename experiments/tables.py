@@ -18,7 +18,7 @@ from reslora.io import atomic_path
 from reslora.records import load_records
 from reslora.report import (MODE_LABELS, headline_frame, label, mode_frame, mode_gaps, mode_table, paired_comparison,
                             plot_block_norm_heatmaps, plot_curves, plot_fig3_curves, plot_grad_flow, plot_sample_grid,
-                            summary_table)
+                            summary_table, table4_records)
 
 TABLE2_TASKS = {"paper": ["cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte", "stsb", "wnli"],
                 "default": ["cola", "sst2", "mrpc", "rte", "stsb"]}
@@ -199,7 +199,8 @@ def table3(results: Path, scale: str) -> Path:
 
 
 def table4(results: Path, scale: str) -> Path:
-    records = records_of(results, scale, "table4")
+    records_of(results, scale, "table4")  # fails clearly when the sweep has not run
+    records = table4_records(results, scale)
     frame = headline_frame(records)
     tasks = [t for t in TABLE2_TASKS["paper"] if t in set(frame["task"])]
     pre_nums = ["0", "1", "2", "4", "-1"]
@@ -207,7 +208,9 @@ def table4(results: Path, scale: str) -> Path:
     text = [
         f"# Table 4 (pre_num ablation), scale `{scale}`",
         "",
-        f"Built by `make table4 SCALE={scale}` from {len(records)} run records (`results/records/{scale}/table4/`).",
+        f"Built by `make table4 SCALE={scale}` from {len(records)} run records (`results/records/{scale}/table4/`, "
+        f"and from `table2/` the cells it holds: pre_num 0 = LoRA (r=4), bs pre_num 1 = ResLoRA_bs, ms pre_num 4 = "
+        "ResLoRA_ms).",
         f"Settings: {settings_line(records)}. pre_num 0 is LoRA (for bs exactly; for ms too, as no previous "
         "block is used); all = every previous block of the chain. Cells: test metric in %, mean ± std (n seeds).",
         "",

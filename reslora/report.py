@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .io import atomic_path  # noqa: E402
+from .records import load_records  # noqa: E402
 
 ROW_LABELS = {"lora": "LoRA (r=4)", "lora_r16": "LoRA (r=16)", "peft_lora": "PEFT LoRA (r=4)", "adalora": "AdaLoRA",
               "loha": "LoHa", "lokr": "LoKr", "reslora_is": "ResLoRA_is", "reslora_bs": "ResLoRA_bs",
@@ -298,3 +299,16 @@ def _save(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
+
+
+# Table 4 cells that Table 2 holds already: its runs, under the ablation's names.
+TABLE4_FROM_TABLE2 = {"lora": ["reslora_bs_pre0", "reslora_ms_pre0"], "reslora_bs": ["reslora_bs_pre1"],
+                      "reslora_ms": ["reslora_ms_pre4"]}
+
+
+def table4_records(results: Path, scale: str) -> list[dict]:
+    """The pre_num sweep's own records plus Table 2's runs of the same tasks renamed per TABLE4_FROM_TABLE2."""
+    own = load_records(results, scale, "table4")
+    tasks = {r["task"] for r in own}
+    return own + [{**r, "method": name} for r in load_records(results, scale, "table2") if r["task"] in tasks
+                  for name in TABLE4_FROM_TABLE2.get(r["method"], [])]

@@ -55,7 +55,10 @@ def ablation_records(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ablations")
     train(tmp, "-m", "experiment=table3", "task=rte", "method=reslora_is,reslora_bs", "seed=0",
           "hydra/launcher=joblib_cpu")
-    train(tmp, "-m", "experiment=table4", "task=mrpc", "method=reslora_bs", "method.pre_num=0,1,-1", "seed=0",
+    # Table 4 = its own cells + Table 2's LoRA (pre_num 0) and ResLoRA_bs (pre_num 1) on the same task
+    train(tmp, "-m", "experiment=table2", "task=mrpc", "method=lora,reslora_bs", "seed=0", "train.grad_norm_every=2",
+          "hydra/launcher=joblib_cpu")
+    train(tmp, "-m", "experiment=table4", "task=mrpc", "method=reslora_bs_pre2,reslora_bs_pre-1", "seed=0",
           "train.grad_norm_every=2", "hydra/launcher=joblib_cpu")
     return tmp / "results"
 
@@ -70,7 +73,9 @@ def test_ablation_tables_and_figures_from_records(ablation_records):
         assert f"| ResLoRA_is | {mode} |" in table3
     assert "- ResLoRA_is: vs before merge" in table3
     table4 = (ablation_records / "table4_smoke.md").read_text()
-    assert "| ResLoRA_bs pre_num=0 (= LoRA) |" in table4 and "| ResLoRA_bs pre_num=all |" in table4
+    for k in ("0 (= LoRA)", "1", "2", "all"):
+        assert f"| ResLoRA_bs pre_num={k} |" in table4
+    assert "from 5 run records" in table4
     for name in ("fig4_loss_vs_prenum_smoke.png", "fig5_norm_heatmap_smoke.png", "grad_flow_smoke.png"):
         assert (ablation_records / "figures" / name).stat().st_size > 10_000
 
@@ -78,7 +83,7 @@ def test_ablation_tables_and_figures_from_records(ablation_records):
 @needs_data
 def test_ablations_notebook_runs_on_the_records(ablation_records, monkeypatch):
     printed = execute_notebook("ablations.ipynb", ablation_records, monkeypatch)
-    assert "table3: 2 records, table4: 3 records" in printed and "reslora_is vs before merge" in printed
+    assert "table3: 3 records, table4: 5 records" in printed and "reslora_is vs before merge" in printed
 
 
 @needs_data
