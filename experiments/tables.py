@@ -128,7 +128,9 @@ def table2(results: Path, scale: str) -> Path:
     text = [
         f"# Table 2 (GLUE), scale `{scale}`",
         "",
-        f"Built by `make table2 SCALE={scale}` from {len(frame)} run records (`results/records/{scale}/table2/`).",
+        f"Built by `make table2 SCALE={scale}` from {len(frame)} run records (`results/records/{scale}/table2/`); "
+        f"the runs took {sum(r['wall_time_s'] for r in records) / 60:.0f} minutes in all (sum of their wall times; "
+        "the sweep runs two at a time).",
         f"Settings, identical for every row: {settings_line(records)}.",
         "Cells: test metric in %, mean ± std over seeds (n = seeds); ResLoRA rows are evaluated after merging "
         "(bs exactly, is/ms with merge_bi). Best mean per column in bold. Avg. = mean over the tasks of the row.",

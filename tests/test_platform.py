@@ -86,7 +86,8 @@ def test_smoke_multirun_over_two_methods_writes_two_records(tmp_path):
         assert len(r["train_loss"]) == 4 and r["eval"] and r["trainable_params"] > 0
         assert 0.0 <= r["headline"] <= 1.0 and r["peak_memory_mb"] > 0 and r["git"]["commit"]
         assert (tmp_path / "runs" / "smoke" / "default" / "rte" / method / "seed0" / ".hydra" / "config.yaml").is_file()
-    assert set(record(tmp_path, task="rte", method="reslora_is")["final"]) == {"merge_bi", "unmerged", "plain", "merge_bw"}
+    assert set(record(tmp_path, task="rte", method="reslora_is")["final"]) == {"merge_bi", "unmerged", "plain", "merge_bw",
+                                                                             "merge_ls"}
 
 
 @needs_data
