@@ -54,6 +54,14 @@ def method_lines(records: list[dict], rows: list[str]) -> list[str]:
     return lines
 
 
+def rows_table_and_comparison(records: list[dict], frame, rows: list[str], tasks: list[str]) -> list[str]:
+    """The rows' settings, the rows x tasks table and the paired comparison of each ResLoRA row with LoRA."""
+    return ["Rows:", *method_lines(records, rows), "", summary_table(frame, rows, tasks), "",
+            "## Paired comparison with LoRA (r=4)", "",
+            "Per task: mean over seeds of (ResLoRA − LoRA), same seed, same data; and how many seeds ResLoRA won.",
+            "", paired_comparison(frame, tasks), ""]
+
+
 def records_of(results: Path, scale: str, tag: str) -> list[dict]:
     records = load_records(results, scale, tag)
     if not records:
@@ -98,17 +106,7 @@ def table1(results: Path, scale: str) -> Path:
         "budget). ResLoRA rows are evaluated after merging (bs exactly, is/ms with merge_bi). Best mean per "
         "column in bold. Zero-shot = the base model before fine-tuning (greedy decoding has no seed).",
         "",
-        "Rows:",
-        *method_lines(records, rows),
-        "",
-        summary_table(frame, rows, tasks),
-        "",
-        "## Paired comparison with LoRA (r=4)",
-        "",
-        "Per task: mean over seeds of (ResLoRA − LoRA), same seed, same data; and how many seeds ResLoRA won.",
-        "",
-        paired_comparison(frame, tasks),
-        "",
+        *rows_table_and_comparison(records, frame, rows, tasks),
         "Figure: `figures/table1_loss.png` (train loss on the target tokens, moving average over 10 steps; mean "
         "over seeds, band = min–max).",
     ]
@@ -135,17 +133,7 @@ def table2(results: Path, scale: str) -> Path:
         "Cells: test metric in %, mean ± std over seeds (n = seeds); ResLoRA rows are evaluated after merging "
         "(bs exactly, is/ms with merge_bi). Best mean per column in bold. Avg. = mean over the tasks of the row.",
         "",
-        "Rows:",
-        *method_lines(records, rows),
-        "",
-        summary_table(frame, rows, tasks),
-        "",
-        "## Paired comparison with LoRA (r=4)",
-        "",
-        "Per task: mean over seeds of (ResLoRA − LoRA), same seed, same data; and how many seeds ResLoRA won.",
-        "",
-        paired_comparison(frame, tasks),
-        "",
+        *rows_table_and_comparison(records, frame, rows, tasks),
         "Figures: `figures/table2_loss.png` (train loss, moving average over 10 steps), "
         "`figures/table2_eval.png` (validation metric); mean over seeds, band = min–max.",
     ]

@@ -96,6 +96,7 @@ def tiny_stable_diffusion(directory):
     AutoTokenizer.from_pretrained(minilm).save_pretrained(directory / "tokenizer")
 
 
+@pytest.mark.slow  # the paper-scale path (make test-slow)
 def test_stable_diffusion_path_with_a_tiny_checkpoint_and_a_local_captioned_set(tmp_path):
     from PIL import Image
 
