@@ -39,9 +39,9 @@ comma := ,
 TABLE1_EXTRA = $(if $(filter paper,$(SCALE)),seed=0$(comma)1$(comma)2,task=svamp$(comma)mathqa seed=0)
 reproduce-table1: setup ## the paper's Table 1 (NLG: GSM8K, SVAMP, MathQA) at SCALE=smoke|cpu|paper; reruns only missing cells
 	$(PY) experiments/train.py -m experiment=table1 scale=$(SCALE)_nlg hydra/launcher=joblib_cpu
+	$(PY) experiments/train.py -m experiment=table1 scale=$(SCALE)_nlg hydra/launcher=joblib_cpu method=zero_shot seed=0
 	$(PY) experiments/train.py -m experiment=table1 scale=$(SCALE)_nlg hydra/launcher=joblib_cpu \
 		method=lora_r16,adalora,loha,lokr $(TABLE1_EXTRA)
-	$(PY) experiments/train.py -m experiment=table1 scale=$(SCALE)_nlg hydra/launcher=joblib_cpu method=zero_shot seed=0
 	$(MAKE) table1 SCALE=$(SCALE)
 
 t2i-base: setup ## pretrain the small text-to-image base on Fashion-MNIST once (cached in .cache/t2i; needs Debian's dataset-fashion-mnist)

@@ -47,7 +47,9 @@ def validate_config(cfg) -> None:
               ("train.grad_accum", t.grad_accum, t.grad_accum >= 1, "an integer >= 1"),
               ("train.eval_every", t.eval_every, t.eval_every >= 1, "an integer >= 1"),
               ("train.warmup_ratio", t.warmup_ratio, 0 <= t.warmup_ratio < 1, "a number in [0, 1)"),
-              ("train.weight_decay", t.weight_decay, t.weight_decay >= 0, "a number >= 0")]
+              ("train.weight_decay", t.weight_decay, t.weight_decay >= 0, "a number >= 0"),
+              ("train.test_modes", t.test_modes, t.test_modes in ("all", "headline"),
+               "'all' (test in every eval mode) or 'headline' (in the first only)")]
     for name, value, ok, accepted in checks:
         if not ok:
             raise ValueError(f"{name}={value!r} is invalid; it must be {accepted}")
@@ -310,7 +312,7 @@ def train_and_evaluate(cfg, run_dir: Path, record: dict, logger: RunLogger) -> N
     if isinstance(unwrapped, ResLoraModel):
         record["block_norms"] = delta_norms(unwrapped, "plain" if modes[0] == "unmerged" else modes[0])
     record["final"] = {mode: {split: evaluate(mode, split) for split in eval_loaders if split != "validation"}
-                       for mode in modes}
+                       for mode in (modes if t.test_modes == "all" else modes[:1])}
     record["headline"] = record["final"][modes[0]]["test"][task.headline]
     logger.log({f"test/{mode}/{k}": v for mode, m in record["final"].items() for k, v in m["test"].items()},
                total_steps)

@@ -115,7 +115,8 @@ def test_same_seed_same_numbers_other_seed_other_numbers(tmp_path):
 
 @needs_data
 def test_skip_done_returns_without_training(tmp_path):
-    train(tmp_path, "task=stsb", "method=lora")
+    train(tmp_path, "task=stsb", "method=lora", "train.test_modes=headline")
+    assert set(record(tmp_path, task="stsb", method="lora")["final"]) == {"plain"}  # LoRA's modes: plain, unmerged
     again = train(tmp_path, "task=stsb", "method=lora", "skip_done=true")
     assert "skip:" in again.stdout
 
@@ -135,6 +136,7 @@ def test_accelerate_two_processes_on_cpu(tmp_path):
     ("scale=nope", "Could not find 'scale/nope'"),
     ("train.lr=-1", "train.lr=-1 is invalid"),
     ("logger.mode=loud", "logger.mode='loud'"),
+    ("train.test_modes=some", "train.test_modes='some' is invalid"),
 ])
 def test_bad_overrides_fail_fast_with_a_readable_message(tmp_path, override, expected):
     result = train(tmp_path, override, "data.mirror=null", check=False)
