@@ -75,6 +75,11 @@ def failed_lines(records: list[dict]) -> list[str]:
     return ["", "## Failed cells (shown as missing above)", "", *failed] if failed else []
 
 
+def runs_took(records: list[dict]) -> str:
+    return (f"the runs took {sum(r.get('wall_time_s', 0) for r in records) / 60:.0f} minutes in all (sum of their "
+            "wall times; the sweep runs two at a time)")
+
+
 def write_markdown(path: Path, lines: list[str]) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
@@ -98,9 +103,12 @@ def table1(results: Path, scale: str) -> Path:
     text = [
         f"# Table 1 (NLG), scale `{scale}`",
         "",
-        f"Built by `make table1 SCALE={scale}` from {len(frame)} run records (`results/records/{scale}/table1/`).",
+        f"Built by `make table1 SCALE={scale}` from {len(frame)} run records (`results/records/{scale}/table1/`); "
+        f"{runs_took(records)}.",
         f"Settings, identical for every row: {settings_line(records, 'the test split')}; greedy "
-        "generation, the answer read after \"The answer is\". Splits: "
+        "generation of at most " + ", ".join(f"{t['name']} {t['max_new_tokens']}" for t in
+                                            {r['task']: r['config']['task'] for r in records}.values())
+        + " new tokens, the answer read after \"The answer is\". Splits: "
         + "; ".join(sorted({f"{r['task']}: {r['split_note']}" for r in records if r.get("split_note")})) + ".",
         "Cells: test accuracy in %, mean ± std over seeds (n = seeds; rows with n=1 ran one seed to fit the "
         "budget). ResLoRA rows are evaluated after merging (bs exactly, is/ms with merge_bi). Best mean per "
@@ -127,8 +135,7 @@ def table2(results: Path, scale: str) -> Path:
         f"# Table 2 (GLUE), scale `{scale}`",
         "",
         f"Built by `make table2 SCALE={scale}` from {len(frame)} run records (`results/records/{scale}/table2/`); "
-        f"the runs took {sum(r['wall_time_s'] for r in records) / 60:.0f} minutes in all (sum of their wall times; "
-        "the sweep runs two at a time).",
+        f"{runs_took(records)}.",
         f"Settings, identical for every row: {settings_line(records)}.",
         "Cells: test metric in %, mean ± std over seeds (n = seeds); ResLoRA rows are evaluated after merging "
         "(bs exactly, is/ms with merge_bi). Best mean per column in bold. Avg. = mean over the tasks of the row.",
@@ -277,7 +284,8 @@ def fig3(results: Path, scale: str, threshold: float) -> Path:
     text = [
         f"# Fig. 3 (text-to-image), scale `{scale}`",
         "",
-        f"Built by `make fig3 SCALE={scale}` from {len(records)} run records (`results/records/{scale}/fig3/`).",
+        f"Built by `make fig3 SCALE={scale}` from {len(records)} run records (`results/records/{scale}/fig3/`); "
+        f"{runs_took(records)}.",
         base_line,
         f"Fine-tuning, identical for every row: {data}, {c['data']['max_train_samples']} training images; "
         f"{c['train']['max_steps'] or str(c['train']['epochs']) + ' epochs'} steps of batch {c['train']['batch_size']}"
