@@ -18,7 +18,7 @@ from reslora.io import atomic_path
 from reslora.records import load_records
 from reslora.report import (MODE_LABELS, headline_frame, label, mode_frame, mode_gaps, mode_table, paired_comparison,
                             plot_block_norm_heatmaps, plot_curves, plot_fig3_curves, plot_grad_flow, plot_sample_grid,
-                            summary_table, table4_records)
+                            record_label, summary_table, table4_records)
 
 TABLE2_TASKS = {"paper": ["cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte", "stsb", "wnli"],
                 "default": ["cola", "sst2", "mrpc", "rte", "stsb"]}
@@ -256,7 +256,16 @@ def fig3(results: Path, scale: str, threshold: float) -> Path:
     what = "target-style score (%)" if scored else "denoising loss"
     header = (f"| method | " + " | ".join(f"step {s}" for s in steps)
               + (f" | steps to ≥ {100 * threshold:.0f}%" if scored else "")
-              + f" | merged, test | before merge, test | test denoising loss (merged) |")
+              + " | steps to LoRA's final validation loss | merged, test | before merge, test "
+                "| test denoising loss (merged) |")
+    lora_final = {r["seed"]: r["eval"][-1]["validation"]["denoise_loss"] for r in ok if r["method"] == "lora"}
+
+    def steps_to(runs: list[dict], reached) -> str:
+        """Mean first evaluation step at which ``reached(run, metrics)`` holds, over the seeds that got there."""
+        first = [next((e["step"] for e in r["eval"] if reached(r, e["validation"])), None) for r in runs]
+        hit = [s for s in first if s is not None]
+        return f"{np.mean(hit):.0f} ({len(hit)}/{len(runs)} seeds)" if hit else f"not reached (0/{len(runs)})"
+
     rows = [header, "|---" * (header.count("|") - 1) + "|"]
     for method in methods:
         runs = [r for r in ok if r["method"] == method]
@@ -264,13 +273,12 @@ def fig3(results: Path, scale: str, threshold: float) -> Path:
         cells = [f"{np.mean([score(r['eval'][i]['validation']) for r in runs]):.{1 if scored else 4}f}"
                  for i in range(len(steps))]
         if scored:
-            reached = [next((e["step"] for e in r["eval"] if e["validation"]["style_score"] >= threshold), None)
-                       for r in runs]
-            hit = [s for s in reached if s is not None]
-            cells.append(f"{np.mean(hit):.0f} ({len(hit)}/{len(runs)} seeds)" if hit else f"not reached (0/{len(runs)})")
+            cells.append(steps_to(runs, lambda r, m: m["style_score"] >= threshold))
+        cells.append(steps_to([r for r in runs if r["seed"] in lora_final],
+                              lambda r, m: m["denoise_loss"] <= lora_final[r["seed"]]) if lora_final else "no LoRA runs")
         cells += [mean_std([score(r["final"][m]["test"]) for r in runs]) for m in (mode, "unmerged")]
         cells.append(f"{np.mean([r['final'][mode]['test']['denoise_loss'] for r in runs]):.4f}")
-        rows.append(f"| {label(method)} | " + " | ".join(cells) + " |")
+        rows.append(f"| {record_label(runs[0])} | " + " | ".join(cells) + " |")
     base = assets["base"]
     if "steps" in base.get("args", {}):
         base_line = (f"Base: {c['model']['name']} ({base['parameters']:,} parameters), pretrained by `make t2i-base` "
@@ -289,7 +297,8 @@ def fig3(results: Path, scale: str, threshold: float) -> Path:
         base_line,
         f"Fine-tuning, identical for every row: {data}, {c['data']['max_train_samples']} training images; "
         f"{c['train']['max_steps'] or str(c['train']['epochs']) + ' epochs'} steps of batch {c['train']['batch_size']}"
-        f"×{c['train']['grad_accum']}, lr {c['train']['lr']}; targets {c['model']['target_modules']}; "
+        f"×{c['train']['grad_accum']}, lr {c['train']['lr']}; targets {c['model']['target_modules']}, rank "
+        f"{c['method']['r']}, alpha {c['method']['lora_alpha']}, dropout {c['method']['lora_dropout']}; "
         f"{c['task']['caption_dropout']:.0%} captions dropped.",
         f"Samples: {c['task']['samples_per_prompt']} DDIM sample(s) ({c['task']['sample_steps']} steps, guidance "
         f"{c['task']['guidance_scale']}) per prompt, from the same initial noise in every cell."
@@ -297,13 +306,16 @@ def fig3(results: Path, scale: str, threshold: float) -> Path:
            f"(held-out accuracy {100 * assets['classifier']['held_out_accuracy']:.1f}% on "
            f"{assets['classifier']['held_out']} images)." if scored else ""),
         f"Cells: {what}, mean over seeds; validation at each step (the training graph), test at the end after "
-        "merging (is: merge_bi, bs: exact, LoRA: plain) and before merging.",
+        "merging (is: merge_bi, bs: exact, LoRA: plain) and before merging. Steps to LoRA's final validation "
+        "loss: the first evaluation at which a run's validation denoising loss is at most that of LoRA's run "
+        "with the same seed at its last step (a convergence measure that needs no classifier).",
         "",
         *rows,
         "",
         "Figures: `figures/fig3_samples.png` (seed 0: one row per method, a column per step, one sample per prompt "
-        "from the same noise; last column: the merged model), `figures/fig3_curves.png` (denoising loss, moving "
-        "average over 20 steps, and the validation headline; mean over seeds, band = min–max).",
+        "from the same noise; last column: the merged model), `figures/fig3_curves.png` (train denoising loss, "
+        "moving average over 20 steps; validation denoising loss; validation headline; mean over seeds, "
+        "band = min–max).",
     ]
     out = results / output_name("fig3", scale, ".md")
     write_markdown(out, text + failed_lines(records))

@@ -27,8 +27,11 @@ TASK_LABELS = {"cola": "CoLA (Mcc)", "sst2": "SST-2 (Acc)", "mrpc": "MRPC (Acc)"
 RESLORA_ROWS = ("reslora_is", "reslora_bs", "reslora_ms")
 
 
-def label(method: str) -> str:
-    """A row's display name; the pre_num ablation's methods are named reslora_<variant>_pre<k>."""
+def label(method: str, r: int | None = None) -> str:
+    """A row's display name; the pre_num ablation's methods are named reslora_<variant>_pre<k>. ``r``: the
+    rank a run actually used, where a scale overrides the method's (LoRA's name carries its rank)."""
+    if method == "lora" and r is not None:
+        return f"LoRA (r={r})"
     match = re.fullmatch(r"reslora_(bs|ms)_pre(-?\d+)", method)
     if match:
         k = {"-1": "all"}.get(match.group(2), match.group(2))
@@ -91,8 +94,9 @@ def paired_comparison(frame: pd.DataFrame, tasks: list[str], baseline: str = "lo
     return "\n".join(lines)
 
 
-def curves(records: list[dict], kind: str) -> dict:
-    """{task: {method: (steps, per-seed values array)}} for ``kind`` 'train_loss' or 'validation'."""
+def curves(records: list[dict], kind: str, metric: str | None = None) -> dict:
+    """{task: {method: (steps, per-seed values array)}} for ``kind`` 'train_loss' or 'validation' (the
+    headline metric in %, or ``metric`` as recorded)."""
     out: dict = {}
     for r in records:
         if r.get("status") != "ok":
@@ -101,7 +105,8 @@ def curves(records: list[dict], kind: str) -> dict:
             steps, values = zip(*r["train_loss"])
         else:
             steps = [e["step"] for e in r["eval"]]
-            values = [100 * e["validation"][r["headline_metric"]] for e in r["eval"]]
+            values = [e["validation"][metric] if metric else 100 * e["validation"][r["headline_metric"]]
+                      for e in r["eval"]]
         out.setdefault(r["task"], {}).setdefault(r["method"], []).append((np.array(steps), np.array(values)))
     return out
 
@@ -131,28 +136,34 @@ def plot_curves(records: list[dict], kind: str, path: Path, methods: list[str], 
     _save(fig, path)
 
 
-def _draw_runs(ax, runs_by_method: dict, methods: list[str], smooth: int) -> None:
+def record_label(record: dict) -> str:
+    return label(record["method"], record["config"]["method"].get("r"))
+
+
+def _draw_runs(ax, runs_by_method: dict, methods: list[str], smooth: int, labels: dict | None = None) -> None:
     """One line per method: mean over its runs (seeds) with a min-max band."""
     for method in _ordered(runs_by_method, methods):
         runs = runs_by_method[method]
         length = min(len(s) for s, _ in runs)
         steps = runs[0][0][:length]
         values = np.stack([_smooth(v[:length], smooth) for _, v in runs])
-        line, = ax.plot(steps, values.mean(0), label=f"{label(method)} (n={len(runs)})", lw=1.3)
+        line, = ax.plot(steps, values.mean(0), label=f"{(labels or {}).get(method) or label(method)} (n={len(runs)})", lw=1.3)
         ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.15)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
 
 
 def plot_fig3_curves(records: list[dict], path: Path, methods: list[str], title: str) -> None:
-    """Fig. 3's curves: train (denoising) loss and the validation target-style score against steps."""
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for ax, kind, ylabel, smooth in ((axes[0], "train_loss", "denoising loss (train)", 20),
-                                     (axes[1], "validation", "validation headline ×100", 1)):
-        for runs in curves(records, kind).values():
-            _draw_runs(ax, runs, methods, smooth)
+    """Fig. 3's curves: train and validation denoising loss and the validation headline against steps."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, kind, metric, ylabel, smooth in (
+            (axes[0], "train_loss", None, "denoising loss (train, moving average)", 20),
+            (axes[1], "validation", "denoise_loss", "denoising loss (validation)", 1),
+            (axes[2], "validation", None, "validation headline ×100", 1)):
+        for runs in curves(records, kind, metric).values():
+            _draw_runs(ax, runs, methods, smooth, {r["method"]: record_label(r) for r in records})
         ax.set_ylabel(ylabel)
-    axes[1].legend(fontsize=7, loc="best")
+    axes[2].legend(fontsize=7, loc="best")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     _save(fig, path)
@@ -182,7 +193,7 @@ def plot_sample_grid(records: list[dict], path: Path, methods: list[str], seed: 
             ax.set_yticks([])
             if i == 0:
                 ax.set_title(name, fontsize=7)
-        axes[i][0].set_ylabel(label(method), fontsize=7, rotation=0, ha="right", va="center")
+        axes[i][0].set_ylabel(record_label(r), fontsize=7, rotation=0, ha="right", va="center")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     _save(fig, path)

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from reslora.tasks.reasoning import ReasoningTask, extract_answer, gsm8k_example, is_correct, svamp_example
+from reslora.tasks.reasoning import (ReasoningTask, answer_complete, extract_answer, gsm8k_example, is_correct,
+                                    svamp_example)
 
 MIRROR = os.environ.get("DATA_MIRROR")
 needs_data = pytest.mark.skipif(not MIRROR, reason="set DATA_MIRROR to the local data mirror (e.g. ../shared/data)")
@@ -32,6 +33,25 @@ def task(name, **data):
 ])
 def test_extract_answer(text, kind, want):
     assert extract_answer(text, kind) == want
+
+
+@pytest.mark.parametrize("text, kind, stops", [
+    ("9 * 2 = 18.\nThe answer is 18.\nQuestion: 3 + 4?\nThe answer is 7.", "number", True),
+    ("The answer is 18.5\n", "number", True),
+    ("The answer is \n\n 1,234.5 apples\nmore", "number", True),
+    ("The answer is: -7\n", "number", True),
+    ("The answer is c.\nThe answer is d.", "choice", True),
+    ("The answer is\n(b)\n", "choice", True),
+    ("The answer is unknown\nThe answer is 3", "number", True),
+    ("The answer is 18.5", "number", False),  # 18.5 might go on: 18.55
+    ("no answer\nat all", "number", False),
+])
+def test_generation_stops_only_when_the_answer_is_final(text, kind, stops):
+    """Generation ends a sequence at the first prefix where answer_complete holds: every such prefix must
+    yield the answer the whole text yields."""
+    cuts = [i for i in range(len(text) + 1) if answer_complete(text[:i])]
+    assert all(extract_answer(text[:i], kind) == extract_answer(text, kind) for i in cuts)
+    assert bool(cuts) == stops
 
 
 def test_is_correct_compares_numbers_with_tolerance_and_letters_exactly():

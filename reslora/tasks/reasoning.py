@@ -89,6 +89,13 @@ def extract_answer(text: str, kind: str) -> str | None:
         return None
 
 
+def answer_complete(text: str) -> bool:
+    """Whether generating more can no longer change what ``extract_answer`` reads: "The answer is", then the
+    answer's first character, then a line break (neither a number nor a letter answer continues across one)."""
+    _, found, rest = text.partition(ANSWER_PREFIX)
+    return bool(found) and "\n" in rest.lstrip()
+
+
 def is_correct(prediction: str | None, answer: str, kind: str, tolerance: float = 1e-4) -> bool:
     if prediction is None:
         return False
@@ -250,14 +257,30 @@ class ReasoningTask:
     def evaluate(self, model, loader, accelerator) -> dict[str, float]:
         import torch
 
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        tokenizer = self.tokenizer
+
+        class AnswerComplete(StoppingCriteria):
+            """Ends each sequence once its answer is complete (the extracted answer is then final)."""
+
+            def __init__(self, prompt_width: int):
+                self.prompt_width = prompt_width
+
+            def __call__(self, input_ids, scores, **kwargs):
+                texts = tokenizer.batch_decode(input_ids[:, self.prompt_width:], skip_special_tokens=True)
+                return torch.tensor([answer_complete(t) for t in texts], device=input_ids.device)
+
         model.eval()
         correct = []
         with torch.no_grad():
             for batch in loader:
+                width = batch["input_ids"].shape[1]
                 generated = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                            max_new_tokens=self.cfg.max_new_tokens, do_sample=False,
-                                           pad_token_id=self.tokenizer.pad_token_id)
-                texts = self.tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+                                           pad_token_id=tokenizer.pad_token_id,
+                                           stopping_criteria=StoppingCriteriaList([AnswerComplete(width)]))
+                texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
                 flags = [is_correct(extract_answer(t, k), a, k) for t, a, k in zip(texts, batch["answer"], batch["kind"])]
                 correct.append(accelerator.gather_for_metrics(torch.tensor(flags, dtype=torch.float32,
                                                                            device=batch["input_ids"].device)))
