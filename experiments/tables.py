@@ -257,7 +257,7 @@ def fig3(results: Path, scale: str, threshold: float) -> Path:
     header = (f"| method | " + " | ".join(f"step {s}" for s in steps)
               + (f" | steps to ≥ {100 * threshold:.0f}%" if scored else "")
               + " | steps to LoRA's final validation loss | merged, test | before merge, test "
-                "| test denoising loss (merged) |")
+                "| test denoising loss, merged | before merge |")
     lora_final = {r["seed"]: r["eval"][-1]["validation"]["denoise_loss"] for r in ok if r["method"] == "lora"}
 
     def steps_to(runs: list[dict], reached) -> str:
@@ -277,7 +277,7 @@ def fig3(results: Path, scale: str, threshold: float) -> Path:
         cells.append(steps_to([r for r in runs if r["seed"] in lora_final],
                               lambda r, m: m["denoise_loss"] <= lora_final[r["seed"]]) if lora_final else "no LoRA runs")
         cells += [mean_std([score(r["final"][m]["test"]) for r in runs]) for m in (mode, "unmerged")]
-        cells.append(f"{np.mean([r['final'][mode]['test']['denoise_loss'] for r in runs]):.4f}")
+        cells += [f"{np.mean([r['final'][m]['test']['denoise_loss'] for r in runs]):.4f}" for m in (mode, "unmerged")]
         rows.append(f"| {record_label(runs[0])} | " + " | ".join(cells) + " |")
     base = assets["base"]
     if "steps" in base.get("args", {}):
@@ -305,16 +305,18 @@ def fig3(results: Path, scale: str, threshold: float) -> Path:
         + (f" Target-style score: the share recognised as the prompted digit by a CNN trained on the digits "
            f"(held-out accuracy {100 * assets['classifier']['held_out_accuracy']:.1f}% on "
            f"{assets['classifier']['held_out']} images)." if scored else ""),
-        f"Cells: {what}, mean over seeds; validation at each step (the training graph), test at the end after "
-        "merging (is: merge_bi, bs: exact, LoRA: plain) and before merging. Steps to LoRA's final validation "
+        f"Cells: {what}, mean over seeds; validation at each step and test at the end in the headline mode, "
+        "i.e. after merging (is: merge_bi, bs: exact, LoRA: plain), and test also before merging. Steps to LoRA's "
+        "final validation "
         "loss: the first evaluation at which a run's validation denoising loss is at most that of LoRA's run "
         "with the same seed at its last step (a convergence measure that needs no classifier).",
         "",
         *rows,
         "",
-        "Figures: `figures/fig3_samples.png` (seed 0: one row per method, a column per step, one sample per prompt "
-        "from the same noise; last column: the merged model), `figures/fig3_curves.png` (train denoising loss, "
-        "moving average over 20 steps; validation denoising loss; validation headline; mean over seeds, "
+        "Figures: `figures/fig3_samples.png` (seed 0: one column per method, a row per step, one sample per prompt "
+        "(digits 0-9) from the same noise; last row: the merged model), `figures/fig3_curves.png` (train denoising loss, "
+        "moving average over 20 steps, the training graph; validation denoising loss and headline, merged; mean "
+        "over seeds, "
         "band = min–max).",
     ]
     out = results / output_name("fig3", scale, ".md")

@@ -170,8 +170,8 @@ def plot_fig3_curves(records: list[dict], path: Path, methods: list[str], title:
 
 
 def plot_sample_grid(records: list[dict], path: Path, methods: list[str], seed: int, title: str) -> None:
-    """Fig. 3's samples: one row per method (run ``seed``), one column per evaluation step, each cell the
-    samples for the ten prompts from the same initial noise; the last column is the merged model on test."""
+    """Fig. 3's samples: one column per method (run ``seed``), one row per evaluation step, each cell the
+    samples for the ten prompts from the same initial noise; the last row is the merged model on test."""
     from .tasks.text2image import decode_png
 
     runs = {r["method"]: r for r in records if r.get("status") == "ok" and r["seed"] == seed}
@@ -179,21 +179,21 @@ def plot_sample_grid(records: list[dict], path: Path, methods: list[str], seed: 
     if not rows:
         return
     steps = [e["step"] for e in runs[rows[0]]["eval"]]
-    fig, axes = plt.subplots(len(rows), len(steps) + 1, figsize=(1.5 + 2.2 * (len(steps) + 1), 0.9 + 0.6 * len(rows)),
+    fig, axes = plt.subplots(len(steps) + 1, len(rows), figsize=(1.2 + 4.5 * len(rows), 0.8 + 0.55 * (len(steps) + 1)),
                              squeeze=False)
-    for i, method in enumerate(rows):
+    for j, method in enumerate(rows):  # a column per method, a row per step: each cell a strip of the prompts
         r = runs[method]
         mode = r["headline_mode"]
         cells = [(f"step {e['step']}", e["validation"]["samples_png"]) for e in r["eval"]]
         cells.append((f"merged ({mode})", r["final"][mode]["test"]["samples_png"]))
-        for j, (name, png) in enumerate(cells):
+        for i, (name, png) in enumerate(cells):
             ax = axes[i][j]
             ax.imshow(decode_png(png), cmap="gray", vmin=0, vmax=255)
             ax.set_xticks([])
             ax.set_yticks([])
-            if i == 0:
-                ax.set_title(name, fontsize=7)
-        axes[i][0].set_ylabel(record_label(r), fontsize=7, rotation=0, ha="right", va="center")
+            if j == 0:
+                ax.set_ylabel(name, fontsize=7, rotation=0, ha="right", va="center")
+        axes[0][j].set_title(record_label(r), fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     _save(fig, path)
