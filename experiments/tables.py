@@ -93,6 +93,16 @@ def output_name(stem: str, scale: str, suffix: str) -> str:
 
 TABLE1_TASKS = ["gsm8k", "svamp", "mathqa", "metamathqa", "hellaswag"]
 TABLE1_ROWS = ["zero_shot", *TABLE2_ROWS]
+TABLE1_GRID = (["lora", "reslora_is", "reslora_bs", "reslora_ms"], ["gsm8k", "svamp", "mathqa"], 3)  # rows, tasks, seeds
+
+
+def incomplete_cells(frame) -> str:
+    """The main grid's cells with fewer seeds than planned (a sweep cut short), or 'none'."""
+    rows, tasks, seeds = TABLE1_GRID
+    counts = frame.groupby(["method", "task"]).size()
+    short = [f"{label(m)} on {t} (n={counts.get((m, t), 0)})" for m in rows for t in tasks
+             if counts.get((m, t), 0) < seeds]
+    return ", ".join(short) or "none"
 
 
 def table1(results: Path, scale: str) -> Path:
@@ -111,8 +121,9 @@ def table1(results: Path, scale: str) -> Path:
         + " new tokens, the answer read after \"The answer is\". Splits: "
         + "; ".join(sorted({f"{r['task']}: {r['split_note']}" for r in records if r.get("split_note")})) + ".",
         "Cells: test accuracy in %, mean ± std over seeds (n = seeds; rows with n=1 ran one seed to fit the "
-        "budget). ResLoRA rows are evaluated after merging (bs exactly, is/ms with merge_bi). Best mean per "
-        "column in bold. Zero-shot = the base model before fine-tuning (greedy decoding has no seed).",
+        f"budget). Main-grid cells with fewer than {TABLE1_GRID[2]} seeds (the sweep not finished): "
+        f"{incomplete_cells(frame)}. ResLoRA rows are evaluated after merging (bs exactly, is/ms with "
+        "merge_bi). Best mean per column in bold. Zero-shot = the base model before fine-tuning (greedy decoding has no seed).",
         "",
         *rows_table_and_comparison(records, frame, rows, tasks),
         "Figure: `figures/table1_loss.png` (train loss on the target tokens, moving average over 10 steps; mean "

@@ -147,7 +147,8 @@ def _draw_runs(ax, runs_by_method: dict, methods: list[str], smooth: int, labels
         length = min(len(s) for s, _ in runs)
         steps = runs[0][0][:length]
         values = np.stack([_smooth(v[:length], smooth) for _, v in runs])
-        line, = ax.plot(steps, values.mean(0), label=f"{(labels or {}).get(method) or label(method)} (n={len(runs)})", lw=1.3)
+        name = (labels or {}).get(method) or label(method)
+        line, = ax.plot(steps, values.mean(0), label=f"{name} (n={len(runs)})", lw=1.3)
         ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.15)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
