@@ -123,7 +123,8 @@ def table1(results: Path, scale: str) -> Path:
         "Cells: test accuracy in %, mean ± std over seeds (n = seeds; rows with n=1 ran one seed to fit the "
         f"budget). Main-grid cells with fewer than {TABLE1_GRID[2]} seeds (the sweep not finished): "
         f"{incomplete_cells(frame)}. ResLoRA rows are evaluated after merging (bs exactly, is/ms with "
-        "merge_bi). Best mean per column in bold. Zero-shot = the base model before fine-tuning (greedy decoding has no seed).",
+        "merge_bi). Best mean per column in bold. Zero-shot = the base model before fine-tuning (greedy decoding "
+        "has no seed).",
         "",
         *rows_table_and_comparison(records, frame, rows, tasks),
         "Figure: `figures/table1_loss.png` (train loss on the target tokens, moving average over 10 steps; mean "
@@ -318,17 +319,16 @@ def fig3(results: Path, scale: str, threshold: float) -> Path:
            f"{assets['classifier']['held_out']} images)." if scored else ""),
         f"Cells: {what}, mean over seeds; validation at each step and test at the end in the headline mode, "
         "i.e. after merging (is: merge_bi, bs: exact, LoRA: plain), and test also before merging. Steps to LoRA's "
-        "final validation "
-        "loss: the first evaluation at which a run's validation denoising loss is at most that of LoRA's run "
+        "final validation loss: the first evaluation at which a run's validation denoising loss is at most that of LoRA's run "
         "with the same seed at its last step (a convergence measure that needs no classifier).",
         "",
         *rows,
         "",
         "Figures: `figures/fig3_samples.png` (seed 0: one column per method, a row per step, one sample per prompt "
-        "(digits 0-9) from the same noise; last row: the merged model), `figures/fig3_curves.png` (train denoising loss, "
+        "(digits 0-9) from the same noise; last row: the merged model), `figures/fig3_curves.png` (train "
+        "denoising loss, "
         "moving average over 20 steps, the training graph; validation denoising loss and headline, merged; mean "
-        "over seeds, "
-        "band = min–max).",
+        "over seeds, band = min–max).",
     ]
     out = results / output_name("fig3", scale, ".md")
     write_markdown(out, text + failed_lines(records))

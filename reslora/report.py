@@ -156,13 +156,14 @@ def _draw_runs(ax, runs_by_method: dict, methods: list[str], smooth: int, labels
 
 def plot_fig3_curves(records: list[dict], path: Path, methods: list[str], title: str) -> None:
     """Fig. 3's curves: train and validation denoising loss and the validation headline against steps."""
+    labels = {r["method"]: record_label(r) for r in records}
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, kind, metric, ylabel, smooth in (
             (axes[0], "train_loss", None, "denoising loss (train, moving average)", 20),
             (axes[1], "validation", "denoise_loss", "denoising loss (validation)", 1),
             (axes[2], "validation", None, "validation headline ×100", 1)):
         for runs in curves(records, kind, metric).values():
-            _draw_runs(ax, runs, methods, smooth, {r["method"]: record_label(r) for r in records})
+            _draw_runs(ax, runs, methods, smooth, labels)
         ax.set_ylabel(ylabel)
     axes[2].legend(fontsize=7, loc="best")
     fig.suptitle(title, fontsize=10)
