@@ -16,9 +16,10 @@ import numpy as np
 
 from reslora.io import atomic_path
 from reslora.records import load_records
-from reslora.report import (MODE_LABELS, headline_frame, label, mode_frame, mode_gaps, mode_table, paired_comparison,
-                            plot_block_norm_heatmaps, plot_curves, plot_fig3_curves, plot_grad_flow, plot_sample_grid,
-                            record_label, summary_table, table4_records)
+from reslora.report import (MODE_LABELS, RESLORA_ROWS, final_loss_frame, headline_frame, label, mode_frame, mode_gaps,
+                            mode_table, ordered, paired_comparison, plot_block_norm_heatmaps, plot_curves,
+                            plot_fig3_curves, plot_grad_flow, plot_sample_grid, record_label, summary_table,
+                            table4_records, update_size_frame)
 
 TABLE2_TASKS = {"paper": ["cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte", "stsb", "wnli"],
                 "default": ["cola", "sst2", "mrpc", "rte", "stsb"]}
@@ -54,12 +55,13 @@ def method_lines(records: list[dict], rows: list[str]) -> list[str]:
     return lines
 
 
-def rows_table_and_comparison(records: list[dict], frame, rows: list[str], tasks: list[str]) -> list[str]:
-    """The rows' settings, the rows x tasks table and the paired comparison of each ResLoRA row with LoRA."""
+def rows_table_and_comparison(records: list[dict], frame, rows: list[str], tasks: list[str],
+                              compared=RESLORA_ROWS) -> list[str]:
+    """The rows' settings, the rows x tasks table and the paired comparison of the ``compared`` rows with LoRA."""
     return ["Rows:", *method_lines(records, rows), "", summary_table(frame, rows, tasks), "",
             "## Paired comparison with LoRA (r=4)", "",
-            "Per task: mean over seeds of (ResLoRA − LoRA), same seed, same data; and how many seeds ResLoRA won.",
-            "", paired_comparison(frame, tasks), ""]
+            "Per task: mean over seeds of (row − LoRA), same seed, same data; and on how many seeds the row won.",
+            "", paired_comparison(frame, tasks, rows=[m for m in compared if m in rows]), ""]
 
 
 def records_of(results: Path, scale: str, tag: str) -> list[dict]:
@@ -94,6 +96,9 @@ def output_name(stem: str, scale: str, suffix: str) -> str:
 TABLE1_TASKS = ["gsm8k", "svamp", "mathqa", "metamathqa", "hellaswag"]
 TABLE1_ROWS = ["zero_shot", *TABLE2_ROWS]
 TABLE1_GRID = (["lora", "reslora_is", "reslora_bs", "reslora_ms"], ["gsm8k", "svamp", "mathqa"], 3)  # rows, tasks, seeds
+# LoRA with the effective scale of ResLoRA_is (2x alpha) and of ResLoRA_ms with pre_num 4 (4x alpha)
+TABLE1_CONTROLS = ["lora_alpha16", "lora_alpha32"]
+LAST_STEPS = 5  # the train loss a run ends at: its mean over these last steps
 
 
 def incomplete_cells(frame) -> str:
@@ -109,7 +114,11 @@ def table1(results: Path, scale: str) -> Path:
     records = records_of(results, scale, "table1")
     frame = headline_frame(records)
     tasks = [t for t in TABLE1_TASKS if t in set(frame["task"])]
-    rows = [m for m in TABLE1_ROWS if m in set(frame["method"])] + sorted(set(frame["method"]) - set(TABLE1_ROWS))
+    rows = ordered(set(frame["method"]), TABLE1_ROWS + TABLE1_CONTROLS)
+    trained = [r for r in records if r["config"]["method"]["kind"] != "none"]
+    trained_rows = [m for m in rows if m != "zero_shot"]
+    compared = [m for m in (*RESLORA_ROWS, *TABLE1_CONTROLS) if m in rows]
+    losses, sizes = final_loss_frame(trained, LAST_STEPS), update_size_frame(trained)
     text = [
         f"# Table 1 (NLG), scale `{scale}`",
         "",
@@ -126,15 +135,34 @@ def table1(results: Path, scale: str) -> Path:
         "merge_bi). Best mean per column in bold. Zero-shot = the base model before fine-tuning (greedy decoding "
         "has no seed).",
         "",
-        *rows_table_and_comparison(records, frame, rows, tasks),
+        *rows_table_and_comparison(records, frame, rows, tasks, compared),
+        "## Training loss, and the size of the update each row deploys",
+        "",
+        f"Train loss on the target tokens at the end of training (mean over the last {LAST_STEPS} steps; lower is "
+        "better), mean ± std over seeds:",
+        "",
+        summary_table(losses, trained_rows, tasks, best="min", metric="train loss"),
+        "",
+        "Paired with LoRA (r=4) (row − LoRA, same seed; won = lower loss):",
+        "",
+        paired_comparison(losses, tasks, rows=compared, lower_is_better=True, metric="train loss"),
+        "",
+        "Deployed update: the mean over target layers of ‖ΔW*‖_F of the merged model (ΔW* = W* − W: for ResLoRA "
+        "the residual paths folded in), divided by the same mean of LoRA (r=4) with the same seed (1.00 = LoRA's "
+        "size). The control rows are LoRA (r=4) with alpha 16 and 32, 2x and 4x LoRA's scale s = alpha / r: the "
+        "scales ResLoRA_is and ResLoRA_ms (pre_num 4) merge with (W + (1+α)·s·BA, α near 1 and near 4). They "
+        "show how much of a ResLoRA row's gain a plain LoRA with a larger scale gets too.",
+        "",
+        summary_table(sizes, [m for m in trained_rows if m in set(sizes["method"])], tasks, best=None,
+                      metric="update / LoRA's"),
+        "",
         "Figure: `figures/table1_loss.png` (train loss on the target tokens, moving average over 10 steps; mean "
         "over seeds, band = min–max).",
     ]
     out = results / output_name("table1", scale, ".md")
     write_markdown(out, text + failed_lines(records))
-    trained = [r for r in records if r["config"]["method"]["kind"] != "none"]
     plot_curves(trained, "train_loss", results / "figures" / output_name("table1_loss", scale, ".png"),
-                [m for m in rows if m != "zero_shot"], tasks, f"Table 1 runs ({scale}): train loss", smooth=10)
+                trained_rows, tasks, f"Table 1 runs ({scale}): train loss", smooth=10)
     return out
 
 

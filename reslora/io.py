@@ -27,6 +27,18 @@ def atomic_path(path: str | Path):
             os.remove(tmp)
 
 
+@contextmanager
+def exclusive(path: str | Path):
+    """Hold an inter-process lock named after ``path`` (a cache entry), so that the parallel runs of a sweep on
+    a fresh machine build it once: the first builds it, the others wait, then find it built."""
+    from filelock import FileLock
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path.with_name(path.name + ".lock"))):
+        yield
+
+
 def write_json(path: str | Path, data) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")

@@ -19,12 +19,19 @@ from .records import load_records  # noqa: E402
 
 ROW_LABELS = {"lora": "LoRA (r=4)", "lora_r16": "LoRA (r=16)", "peft_lora": "PEFT LoRA (r=4)", "adalora": "AdaLoRA",
               "loha": "LoHa", "lokr": "LoKr", "reslora_is": "ResLoRA_is", "reslora_bs": "ResLoRA_bs",
-              "reslora_ms": "ResLoRA_ms", "zero_shot": "Zero-shot (base model)"}
+              "reslora_ms": "ResLoRA_ms", "zero_shot": "Zero-shot (base model)",
+              "lora_alpha16": "LoRA (r=4, alpha=16), control", "lora_alpha32": "LoRA (r=4, alpha=32), control"}
 TASK_LABELS = {"cola": "CoLA (Mcc)", "sst2": "SST-2 (Acc)", "mrpc": "MRPC (Acc)", "qqp": "QQP (Acc)",
                "mnli": "MNLI (Acc)", "qnli": "QNLI (Acc)", "rte": "RTE (Acc)", "stsb": "STS-B (Pearson)",
                "wnli": "WNLI (Acc)", "gsm8k": "GSM8K (Acc)", "svamp": "SVAMP (Acc)", "mathqa": "MathQA (Acc)",
                "metamathqa": "MetaMathQA (Acc on GSM8K)", "hellaswag": "HellaSwag (Acc)"}
 RESLORA_ROWS = ("reslora_is", "reslora_bs", "reslora_ms")
+
+
+def task_column(task: str, metric: str | None = None) -> str:
+    """A task's column header: with its test metric ("SVAMP (Acc)"), or with ``metric`` instead."""
+    name = TASK_LABELS.get(task, task)
+    return name if metric is None else f"{name.split(' (')[0]} ({metric})"
 
 
 def label(method: str, r: int | None = None) -> str:
@@ -46,15 +53,37 @@ def headline_frame(records: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["task", "method", "seed", "value"])
 
 
-def _ordered(values, order) -> list:
+def final_loss_frame(records: list[dict], last: int = 5) -> pd.DataFrame:
+    """One row per trained run: its mean train loss over the ``last`` logged steps."""
+    rows = [{"task": r["task"], "method": r["method"], "seed": r["seed"],
+             "value": float(np.mean([loss for _, loss in r["train_loss"][-last:]]))}
+            for r in records if r.get("status") == "ok" and r.get("train_loss")]
+    return pd.DataFrame(rows, columns=["task", "method", "seed", "value"])
+
+
+def update_size_frame(records: list[dict], baseline: str = "lora") -> pd.DataFrame:
+    """One row per run with block norms: the mean over target layers of its merged update ‖ΔW*‖_F, divided by
+    the same mean of the baseline's run with the same task and seed (how much larger the update it deploys is)."""
+    size = {(r["task"], r["method"], r["seed"]): float(np.mean([b["merged"] for b in r["block_norms"].values()]))
+            for r in records if r.get("status") == "ok" and r.get("block_norms")}
+    rows = [{"task": task, "method": method, "seed": seed, "value": value / size[(task, baseline, seed)]}
+            for (task, method, seed), value in size.items() if (task, baseline, seed) in size]
+    return pd.DataFrame(rows, columns=["task", "method", "seed", "value"])
+
+
+def ordered(values, order) -> list:
     return [v for v in order if v in values] + sorted(v for v in values if v not in order)
 
 
-def summary_table(frame: pd.DataFrame, methods: list[str], tasks: list[str]) -> str:
-    """Markdown: rows x tasks, mean ± std (n) in percent, an average column over tasks, best mean in bold."""
+def summary_table(frame: pd.DataFrame, methods: list[str], tasks: list[str], best: str | None = "max",
+                  metric: str | None = None) -> str:
+    """Markdown: rows x tasks, mean ± std (n), an average column over tasks; the ``best`` ("max" or "min") mean
+    of each column in bold (None: no bold). ``metric`` names the values when they are not the test metric."""
     stats = frame.groupby(["method", "task"])["value"].agg(["mean", "std", "count"])
-    best = {t: stats.xs(t, level="task")["mean"].max() for t in tasks if t in stats.index.get_level_values("task")}
-    lines = ["| method | " + " | ".join(TASK_LABELS.get(t, t) for t in tasks) + " | Avg. |",
+    shown = stats[stats.index.get_level_values("method").isin(methods)]
+    bold = {t: shown.xs(t, level="task")["mean"].agg(best) for t in tasks
+            if best and t in shown.index.get_level_values("task")}
+    lines = ["| method | " + " | ".join(task_column(t, metric) for t in tasks) + " | Avg. |",
              "|---" * (len(tasks) + 2) + "|"]
     for method in methods:
         cells, means = [], []
@@ -65,7 +94,7 @@ def summary_table(frame: pd.DataFrame, methods: list[str], tasks: list[str]) -> 
             s = stats.loc[(method, task)]
             std = 0.0 if math.isnan(s["std"]) else s["std"]
             text = f"{s['mean']:.2f} ± {std:.2f} (n={int(s['count'])})"
-            cells.append(f"**{text}**" if np.isclose(s["mean"], best[task]) else text)
+            cells.append(f"**{text}**" if task in bold and np.isclose(s["mean"], bold[task]) else text)
             means.append(s["mean"])
         average = f"{np.mean(means):.2f}" if len(means) == len(tasks) else "—"
         lines.append(f"| {label(method)} | " + " | ".join(cells) + f" | {average} |")
@@ -73,11 +102,11 @@ def summary_table(frame: pd.DataFrame, methods: list[str], tasks: list[str]) -> 
 
 
 def paired_comparison(frame: pd.DataFrame, tasks: list[str], baseline: str = "lora",
-                      rows=RESLORA_ROWS) -> str:
+                      rows=RESLORA_ROWS, lower_is_better: bool = False, metric: str | None = None) -> str:
     """Markdown: per task, each ResLoRA row minus the baseline, paired by seed: mean difference and
-    the number of seeds on which the ResLoRA row is higher."""
+    the number of seeds on which the ResLoRA row is better (higher, or lower with ``lower_is_better``)."""
     wide = frame.pivot_table(index=["task", "seed"], columns="method", values="value")
-    lines = [f"| method | " + " | ".join(TASK_LABELS.get(t, t) for t in tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    lines = ["| method | " + " | ".join(task_column(t, metric) for t in tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
     for method in rows:
         cells = []
         for task in tasks:
@@ -89,7 +118,8 @@ def paired_comparison(frame: pd.DataFrame, tasks: list[str], baseline: str = "lo
                 cells.append("—")
                 continue
             diff = pairs[method] - pairs[baseline]
-            cells.append(f"{diff.mean():+.2f} ({int((diff > 0).sum())}/{len(diff)} won)")
+            won = diff < 0 if lower_is_better else diff > 0
+            cells.append(f"{diff.mean():+.2f} ({int(won.sum())}/{len(diff)} won)")
         lines.append(f"| {label(method)} − {label(baseline)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -142,7 +172,7 @@ def record_label(record: dict) -> str:
 
 def _draw_runs(ax, runs_by_method: dict, methods: list[str], smooth: int, labels: dict | None = None) -> None:
     """One line per method: mean over its runs (seeds) with a min-max band."""
-    for method in _ordered(runs_by_method, methods):
+    for method in ordered(runs_by_method, methods):
         runs = runs_by_method[method]
         length = min(len(s) for s, _ in runs)
         steps = runs[0][0][:length]
@@ -177,7 +207,7 @@ def plot_sample_grid(records: list[dict], path: Path, methods: list[str], seed: 
     from .tasks.text2image import decode_png
 
     runs = {r["method"]: r for r in records if r.get("status") == "ok" and r["seed"] == seed}
-    rows = _ordered(runs, methods)
+    rows = ordered(runs, methods)
     if not rows:
         return
     steps = [e["step"] for e in runs[rows[0]]["eval"]]
@@ -288,7 +318,7 @@ def plot_grad_flow(records: list[dict], path: Path, methods: list[str], title: s
         return
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     for row, which in enumerate(("A", "B")):
-        for method in _ordered(set(frame["method"]), methods):
+        for method in ordered(set(frame["method"]), methods):
             part = frame[frame["method"] == method]
             by_layer = part.groupby("layer")[which].mean()
             by_step = part.groupby("step")[which].mean()

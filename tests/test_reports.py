@@ -11,6 +11,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from reslora.report import final_loss_frame, paired_comparison, summary_table, update_size_frame
 from test_platform import ROOT, needs_data, train
 
 
@@ -104,3 +105,27 @@ def test_table1_with_zero_shot_reference_from_records(tmp_path):
         assert f"| {row} |" in text
     assert "SVAMP (Acc)" in text and "svamp: 1,000 items split 700/300" in text
     assert (results / "figures" / "table1_loss_smoke.png").stat().st_size > 10_000
+
+
+def run_record(method: str, seed: int, losses: list[float], merged_norms: list[float]) -> dict:
+    return {"task": "svamp", "method": method, "seed": seed, "status": "ok", "headline": 0.1,
+            "train_loss": [[step + 1, loss] for step, loss in enumerate(losses)],
+            "block_norms": {f"layer{i}": {"own": 1.0, "merged": n} for i, n in enumerate(merged_norms)}}
+
+
+def test_final_loss_and_update_size_frames_feed_the_tables():
+    records = [run_record("lora", 0, [3.0, 2.0, 1.0], [1.0, 3.0]), run_record("lora", 1, [3.0, 2.0, 2.0], [2.0, 2.0]),
+               run_record("reslora_is", 0, [3.0, 1.0, 0.5], [4.0, 6.0]),
+               run_record("reslora_is", 1, [3.0, 2.5, 2.5], [2.0, 2.0]),
+               run_record("reslora_bs", 2, [1.0], [9.0])]  # no LoRA run with seed 2: no update ratio
+    losses = final_loss_frame(records, last=2)
+    assert losses.set_index(["method", "seed"])["value"].to_dict() == {
+        ("lora", 0): 1.5, ("lora", 1): 2.0, ("reslora_is", 0): 0.75, ("reslora_is", 1): 2.5, ("reslora_bs", 2): 1.0}
+    sizes = update_size_frame(records).set_index(["method", "seed"])["value"].to_dict()
+    assert sizes == {("lora", 0): 1.0, ("lora", 1): 1.0, ("reslora_is", 0): 2.5, ("reslora_is", 1): 1.0}
+    table = summary_table(losses, ["lora", "reslora_is"], ["svamp"], best="min", metric="train loss")
+    assert "| SVAMP (train loss) |" in table
+    assert "| LoRA (r=4) | 1.75 ± 0.35 (n=2) |" in table and "| ResLoRA_is | **1.62 ± 1.24 (n=2)** |" in table
+    assert "**" not in summary_table(update_size_frame(records), ["lora", "reslora_is"], ["svamp"], best=None)
+    paired = paired_comparison(losses, ["svamp"], rows=["reslora_is"], lower_is_better=True)
+    assert "| ResLoRA_is − LoRA (r=4) | -0.12 (1/2 won) |" in paired

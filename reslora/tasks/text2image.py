@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..io import atomic_path, exclusive
+
 FASHION_CLASSES = ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                    "ankle boot"]
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -226,17 +228,23 @@ CLASSIFIER_HELD_OUT = 500  # the last digits of a fixed permutation: the classif
 def digit_classifier(cache_dir: str | Path) -> tuple[DigitClassifier, dict]:
     """The target-domain classifier, trained once (seeded, about half a minute on one core) and cached."""
     path = Path(cache_dir) / "t2i" / "digit_classifier.pt"
+    with exclusive(path):
+        if not path.is_file():
+            _train_digit_classifier(path)
+    saved = torch.load(path, weights_only=False)
     classifier = DigitClassifier()
-    if path.is_file():
-        saved = torch.load(path, weights_only=False)
-        classifier.load_state_dict(saved["state"])
-        return classifier.eval(), saved["info"]
+    classifier.load_state_dict(saved["state"])
+    return classifier.eval(), saved["info"]
+
+
+def _train_digit_classifier(path: Path) -> None:
     images, labels = mnist_digits()
     order = np.random.default_rng(0).permutation(len(labels))
     train, held = order[:-CLASSIFIER_HELD_OUT], order[-CLASSIFIER_HELD_OUT:]
     x, y = to_pixels(images), torch.from_numpy(labels)
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
+    classifier = DigitClassifier()
     optimizer = torch.optim.Adam(classifier.parameters(), lr=2e-3)
     for _ in range(4):
         for batch in torch.randperm(len(train), generator=generator).split(64):
@@ -249,9 +257,8 @@ def digit_classifier(cache_dir: str | Path) -> tuple[DigitClassifier, dict]:
     with torch.no_grad():
         accuracy = float((classifier(x[held]).argmax(-1) == y[held]).float().mean())
     info = {"held_out_accuracy": accuracy, "held_out": CLASSIFIER_HELD_OUT, "train": len(train)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state": classifier.state_dict(), "info": info}, path)
-    return classifier, info
+    with atomic_path(path) as tmp:
+        torch.save({"state": classifier.state_dict(), "info": info}, tmp)
 
 
 def base_unet_dir(cache_dir: str | Path, name: str = "t2i-base") -> Path:

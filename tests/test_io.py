@@ -1,0 +1,43 @@
+"""Atomic writes and the cache lock that lets the parallel runs of a sweep share a cache entry."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from pathlib import Path
+
+import pytest
+
+from reslora.io import atomic_path, exclusive, write_json
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "record.json"
+    write_json(path, {"status": "ok"})
+    with pytest.raises(RuntimeError):
+        with atomic_path(path) as tmp:
+            tmp.write_text("half a rec")
+            raise RuntimeError("killed mid-write")
+    assert path.read_text() == '{\n  "status": "ok"\n}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["record.json"]
+
+
+def build_once(entry: str, log: str) -> None:
+    """What load_smollm2 does with its cache: check under the lock, build if missing (slowly)."""
+    with exclusive(Path(entry)):
+        if not Path(entry).exists():
+            with open(log, "a") as f:
+                f.write("built\n")
+            time.sleep(0.5)
+            Path(entry).write_text("model")
+
+
+def test_parallel_runs_build_a_cache_entry_once(tmp_path):
+    entry, log = tmp_path / "cache" / "model", tmp_path / "log"
+    workers = [multiprocessing.Process(target=build_once, args=(str(entry), str(log))) for _ in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=60)
+    assert [w.exitcode for w in workers] == [0, 0, 0]
+    assert log.read_text() == "built\n" and entry.read_text() == "model"
