@@ -102,12 +102,14 @@ def summary_table(frame: pd.DataFrame, methods: list[str], tasks: list[str], bes
 
 
 def paired_comparison(frame: pd.DataFrame, tasks: list[str], baseline: str = "lora",
-                      rows=RESLORA_ROWS, lower_is_better: bool = False, metric: str | None = None) -> str:
+                      rows=RESLORA_ROWS, lower_is_better: bool = False, metric: str | None = None,
+                      pairs: list[tuple[str, str]] | None = None) -> str:
     """Markdown: per task, each ResLoRA row minus the baseline, paired by seed: mean difference and
-    the number of seeds on which the ResLoRA row is better (higher, or lower with ``lower_is_better``)."""
+    the number of seeds on which the ResLoRA row is better (higher, or lower with ``lower_is_better``).
+    ``pairs``: (row, baseline) pairs instead, each row against its own baseline."""
     wide = frame.pivot_table(index=["task", "seed"], columns="method", values="value")
     lines = ["| method | " + " | ".join(task_column(t, metric) for t in tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
-    for method in rows:
+    for method, baseline in pairs or [(m, baseline) for m in rows]:
         cells = []
         for task in tasks:
             if method not in wide or baseline not in wide or task not in wide.index.get_level_values("task"):

@@ -129,3 +129,5 @@ def test_final_loss_and_update_size_frames_feed_the_tables():
     assert "**" not in summary_table(update_size_frame(records), ["lora", "reslora_is"], ["svamp"], best=None)
     paired = paired_comparison(losses, ["svamp"], rows=["reslora_is"], lower_is_better=True)
     assert "| ResLoRA_is − LoRA (r=4) | -0.12 (1/2 won) |" in paired
+    against = paired_comparison(losses, ["svamp"], pairs=[("lora", "reslora_is"), ("reslora_bs", "lora")])
+    assert "| LoRA (r=4) − ResLoRA_is | +0.12 (1/2 won) |" in against and "| ResLoRA_bs − LoRA (r=4) | — |" in against
