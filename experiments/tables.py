@@ -16,7 +16,7 @@ import numpy as np
 
 from reslora.io import atomic_path
 from reslora.records import load_records
-from reslora.report import (MODE_LABELS, RESLORA_ROWS, final_loss_frame, headline_frame, label, mode_frame, mode_gaps,
+from reslora.report import (CONTROL_ROWS, MODE_LABELS, RESLORA_ROWS, final_loss_frame, headline_frame, label, mode_frame, mode_gaps,
                             mode_table, ordered, paired_comparison, plot_block_norm_heatmaps, plot_curves,
                             plot_fig3_curves, plot_grad_flow, plot_sample_grid, record_label, summary_table,
                             table4_records, update_size_frame)
@@ -98,7 +98,7 @@ TABLE1_ROWS = ["zero_shot", *TABLE2_ROWS]
 TABLE1_GRID = (["lora", "reslora_is", "reslora_bs", "reslora_ms"], ["gsm8k", "svamp", "mathqa"], 3)  # rows, tasks, seeds
 # LoRA with the effective scale of ResLoRA_is (2x alpha) and of ResLoRA_ms with pre_num 4 (4x alpha); bs
 # (pre_num 1) deploys an update between LoRA's and 2x, and is compared with the 2x control
-TABLE1_CONTROLS = ["lora_alpha16", "lora_alpha32"]
+TABLE1_CONTROLS = list(CONTROL_ROWS)
 TABLE1_MATCHED = [("reslora_is", "lora_alpha16"), ("reslora_bs", "lora_alpha16"), ("reslora_ms", "lora_alpha32")]
 LAST_STEPS = 5  # the train loss a run ends at: its mean over these last steps
 

@@ -26,6 +26,7 @@ TASK_LABELS = {"cola": "CoLA (Mcc)", "sst2": "SST-2 (Acc)", "mrpc": "MRPC (Acc)"
                "wnli": "WNLI (Acc)", "gsm8k": "GSM8K (Acc)", "svamp": "SVAMP (Acc)", "mathqa": "MathQA (Acc)",
                "metamathqa": "MetaMathQA (Acc on GSM8K)", "hellaswag": "HellaSwag (Acc)"}
 RESLORA_ROWS = ("reslora_is", "reslora_bs", "reslora_ms")
+CONTROL_ROWS = ("lora_alpha16", "lora_alpha32")  # not in the paper: LoRA at the scale ResLoRA rows merge with
 
 
 def task_column(task: str, metric: str | None = None) -> str:
@@ -152,19 +153,24 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
 
 def plot_curves(records: list[dict], kind: str, path: Path, methods: list[str], tasks: list[str],
                 title: str, smooth: int = 1) -> None:
-    """One panel per task, one line per method: mean over seeds with a min-max band."""
+    """One panel per task, one line per method (the same colour in every panel): mean over seeds with a
+    min-max band; control rows dashed; one legend below the panels."""
     data = curves(records, kind)
     tasks = [t for t in tasks if t in data]
     if not tasks:
         return
+    present = ordered({m for task in tasks for m in data[task]}, methods)
+    colors = {m: plt.get_cmap("tab10" if len(present) <= 10 else "tab20")(i) for i, m in enumerate(present)}
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        _draw_runs(ax, data[task], methods, smooth)
-        ax.set_title(TASK_LABELS.get(task, task))
+        _draw_runs(ax, data[task], methods, smooth, colors=colors)
+        ax.set_title(task_column(task) if kind == "validation" else TASK_LABELS.get(task, task).split(" (")[0])
     axes[0][0].set_ylabel("train loss" if kind == "train_loss" else "validation metric (%)")
-    axes[0][-1].legend(fontsize=7, loc="best")
+    handles = {h.get_label(): h for ax in axes[0] for h in ax.get_lines()}
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06 * math.ceil(len(handles) / 5), 1, 1))
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(5, len(handles)), fontsize=7,
+               frameon=False)
     _save(fig, path)
 
 
@@ -172,7 +178,8 @@ def record_label(record: dict) -> str:
     return label(record["method"], record["config"]["method"].get("r"))
 
 
-def _draw_runs(ax, runs_by_method: dict, methods: list[str], smooth: int, labels: dict | None = None) -> None:
+def _draw_runs(ax, runs_by_method: dict, methods: list[str], smooth: int, labels: dict | None = None,
+               colors: dict | None = None) -> None:
     """One line per method: mean over its runs (seeds) with a min-max band."""
     for method in ordered(runs_by_method, methods):
         runs = runs_by_method[method]
@@ -180,7 +187,8 @@ def _draw_runs(ax, runs_by_method: dict, methods: list[str], smooth: int, labels
         steps = runs[0][0][:length]
         values = np.stack([_smooth(v[:length], smooth) for _, v in runs])
         name = (labels or {}).get(method) or label(method)
-        line, = ax.plot(steps, values.mean(0), label=f"{name} (n={len(runs)})", lw=1.3)
+        line, = ax.plot(steps, values.mean(0), label=f"{name} (n={len(runs)})", lw=1.3,
+                        color=(colors or {}).get(method), ls="--" if method in CONTROL_ROWS else "-")
         ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.15)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
