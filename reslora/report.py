@@ -151,6 +151,9 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
     return np.convolve(np.pad(values, (window - 1, 0), mode="edge"), kernel, mode="valid")
 
 
+LEGEND_ENTRY_INCHES = 2.6  # width of one legend entry at font size 7 (the longest labels, "... pre_num=0 (= LoRA)")
+
+
 def plot_curves(records: list[dict], kind: str, path: Path, methods: list[str], tasks: list[str],
                 title: str, smooth: int = 1) -> None:
     """One panel per task, one line per method (the same colour in every panel): mean over seeds with a
@@ -167,10 +170,10 @@ def plot_curves(records: list[dict], kind: str, path: Path, methods: list[str], 
         ax.set_title(task_column(task) if kind == "validation" else TASK_LABELS.get(task, task).split(" (")[0])
     axes[0][0].set_ylabel("train loss" if kind == "train_loss" else "validation metric (%)")
     handles = {h.get_label(): h for ax in axes[0] for h in ax.get_lines()}
+    columns = max(1, min(len(handles), int(fig.get_figwidth() // LEGEND_ENTRY_INCHES)))
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.06 * math.ceil(len(handles) / 5), 1, 1))
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(5, len(handles)), fontsize=7,
-               frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * math.ceil(len(handles) / columns), 1, 1))
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=columns, fontsize=7, frameon=False)
     _save(fig, path)
 
 
