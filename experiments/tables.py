@@ -16,10 +16,10 @@ import numpy as np
 
 from reslora.io import atomic_path
 from reslora.records import load_records
-from reslora.report import (CONTROL_ROWS, MODE_LABELS, RESLORA_ROWS, final_loss_frame, headline_frame, label, mode_frame, mode_gaps,
-                            mode_table, ordered, paired_comparison, plot_block_norm_heatmaps, plot_curves,
-                            plot_fig3_curves, plot_grad_flow, plot_sample_grid, record_label, summary_table,
-                            table4_records, update_size_frame)
+from reslora.report import (CONTROL_ROWS, MODE_LABELS, RESLORA_ROWS, final_loss_frame, headline_frame, label,
+                            mode_frame, mode_gaps, mode_table, ordered, paired_comparison, plot_block_norm_heatmaps,
+                            plot_curves, plot_fig3_curves, plot_grad_flow, plot_sample_grid, record_label,
+                            summary_table, table4_records, update_size_frame)
 
 TABLE2_TASKS = {"paper": ["cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte", "stsb", "wnli"],
                 "default": ["cola", "sst2", "mrpc", "rte", "stsb"]}
@@ -96,9 +96,8 @@ def output_name(stem: str, scale: str, suffix: str) -> str:
 TABLE1_TASKS = ["gsm8k", "svamp", "mathqa", "metamathqa", "hellaswag"]
 TABLE1_ROWS = ["zero_shot", *TABLE2_ROWS]
 TABLE1_GRID = (["lora", "reslora_is", "reslora_bs", "reslora_ms"], ["gsm8k", "svamp", "mathqa"], 3)  # rows, tasks, seeds
-# LoRA with the effective scale of ResLoRA_is (2x alpha) and of ResLoRA_ms with pre_num 4 (4x alpha); bs
-# (pre_num 1) deploys an update between LoRA's and 2x, and is compared with the 2x control
-TABLE1_CONTROLS = list(CONTROL_ROWS)
+# Each ResLoRA row and the control (CONTROL_ROWS) of its effective scale: is 2x alpha, ms with pre_num 4 4x alpha;
+# bs (pre_num 1) deploys an update between LoRA's and 2x, and is compared with the 2x control
 TABLE1_MATCHED = [("reslora_is", "lora_alpha16"), ("reslora_bs", "lora_alpha16"), ("reslora_ms", "lora_alpha32")]
 LAST_STEPS = 5  # the train loss a run ends at: its mean over these last steps
 
@@ -116,10 +115,10 @@ def table1(results: Path, scale: str) -> Path:
     records = records_of(results, scale, "table1")
     frame = headline_frame(records)
     tasks = [t for t in TABLE1_TASKS if t in set(frame["task"])]
-    rows = ordered(set(frame["method"]), TABLE1_ROWS + TABLE1_CONTROLS)
+    rows = ordered(set(frame["method"]), [*TABLE1_ROWS, *CONTROL_ROWS])
     trained = [r for r in records if r["config"]["method"]["kind"] != "none"]
     trained_rows = [m for m in rows if m != "zero_shot"]
-    compared = [m for m in (*RESLORA_ROWS, *TABLE1_CONTROLS) if m in rows]
+    compared = [m for m in (*RESLORA_ROWS, *CONTROL_ROWS) if m in rows]
     losses, sizes = final_loss_frame(trained, LAST_STEPS), update_size_frame(trained)
     matched = [(m, c) for m, c in TABLE1_MATCHED if m in rows and c in rows]
     text = [

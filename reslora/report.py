@@ -29,10 +29,14 @@ RESLORA_ROWS = ("reslora_is", "reslora_bs", "reslora_ms")
 CONTROL_ROWS = ("lora_alpha16", "lora_alpha32")  # not in the paper: LoRA at the scale ResLoRA rows merge with
 
 
+def task_name(task: str) -> str:
+    """A task's display name without its metric ("SVAMP")."""
+    return TASK_LABELS.get(task, task).split(" (")[0]
+
+
 def task_column(task: str, metric: str | None = None) -> str:
     """A task's column header: with its test metric ("SVAMP (Acc)"), or with ``metric`` instead."""
-    name = TASK_LABELS.get(task, task)
-    return name if metric is None else f"{name.split(' (')[0]} ({metric})"
+    return TASK_LABELS.get(task, task) if metric is None else f"{task_name(task)} ({metric})"
 
 
 def label(method: str, r: int | None = None) -> str:
@@ -116,11 +120,11 @@ def paired_comparison(frame: pd.DataFrame, tasks: list[str], baseline: str = "lo
             if method not in wide or baseline not in wide or task not in wide.index.get_level_values("task"):
                 cells.append("—")
                 continue
-            pairs = wide.loc[task][[method, baseline]].dropna()
-            if pairs.empty:
+            both = wide.loc[task][[method, baseline]].dropna()
+            if both.empty:
                 cells.append("—")
                 continue
-            diff = pairs[method] - pairs[baseline]
+            diff = both[method] - both[baseline]
             won = diff < 0 if lower_is_better else diff > 0
             cells.append(f"{diff.mean():+.2f} ({int(won.sum())}/{len(diff)} won)")
         lines.append(f"| {label(method)} − {label(baseline)} | " + " | ".join(cells) + " |")
@@ -167,7 +171,7 @@ def plot_curves(records: list[dict], kind: str, path: Path, methods: list[str], 
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         _draw_runs(ax, data[task], methods, smooth, colors=colors)
-        ax.set_title(task_column(task) if kind == "validation" else TASK_LABELS.get(task, task).split(" (")[0])
+        ax.set_title(task_column(task) if kind == "validation" else task_name(task))
     axes[0][0].set_ylabel("train loss" if kind == "train_loss" else "validation metric (%)")
     handles = {h.get_label(): h for ax in axes[0] for h in ax.get_lines()}
     columns = max(1, min(len(handles), int(fig.get_figwidth() // LEGEND_ENTRY_INCHES)))
