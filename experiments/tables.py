@@ -102,6 +102,20 @@ TABLE1_MATCHED = [("reslora_is", "lora_alpha16"), ("reslora_bs", "lora_alpha16")
 LAST_STEPS = 5  # the train loss a run ends at: its mean over these last steps
 
 
+def run_minutes_by_group(records: list[dict]) -> str:
+    """Summed wall time of the runs in each part of the Table 1 sweep, per task: what sizes the scale."""
+    grid_rows, _, _ = TABLE1_GRID
+    def group(method: str) -> str:
+        return ("main grid" if method in grid_rows else "zero-shot" if method == "zero_shot"
+                else "control rows" if method in CONTROL_ROWS else "other rows")
+    minutes: dict[str, dict[str, float]] = {}
+    for r in records:
+        per_task = minutes.setdefault(group(r["method"]), {})
+        per_task[r["task"]] = per_task.get(r["task"], 0.0) + r.get("wall_time_s", 0) / 60
+    return "; ".join(f"{name} " + ", ".join(f"{task} {m:.0f}" for task, m in per_task.items())
+                     + f" (all {sum(per_task.values()):.0f})" for name, per_task in minutes.items())
+
+
 def incomplete_cells(frame) -> str:
     """The main grid's cells with fewer seeds than planned (a sweep cut short), or 'none'."""
     rows, tasks, seeds = TABLE1_GRID
@@ -125,7 +139,7 @@ def table1(results: Path, scale: str) -> Path:
         f"# Table 1 (NLG), scale `{scale}`",
         "",
         f"Built by `make table1 SCALE={scale}` from {len(frame)} run records (`results/records/{scale}/table1/`); "
-        f"{runs_took(records)}.",
+        f"{runs_took(records)}. Run time in minutes by part of the sweep: {run_minutes_by_group(records)}.",
         f"Settings, identical for every row: {settings_line(records, 'the test split')}; greedy "
         "generation of at most " + ", ".join(f"{t['name']} {t['max_new_tokens']}" for t in
                                             {r['task']: r['config']['task'] for r in records}.values())

@@ -104,6 +104,7 @@ def test_table1_with_zero_shot_reference_from_records(tmp_path):
     for row in ("Zero-shot (base model)", "LoRA (r=4)"):
         assert f"| {row} |" in text
     assert "SVAMP (Acc)" in text and "svamp: 1,000 items split 700/300" in text
+    assert "by part of the sweep: main grid svamp " in text and "; zero-shot svamp " in text
     assert (results / "figures" / "table1_loss_smoke.png").stat().st_size > 10_000
 
 
