@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 SCALE ?= cpu
 export DATA_MIRROR
 
-.PHONY: help setup train test test-slow reproduce-table1 reproduce-table2 reproduce-table3 reproduce-table4 table1 table2 table3 table4 t2i-base reproduce-fig3 fig3 bench nlg-cost clean-runs
+.PHONY: help setup train test test-slow check-records reproduce-table1 reproduce-table2 reproduce-table3 reproduce-table4 table1 table2 table3 table4 t2i-base reproduce-fig3 fig3 bench nlg-cost clean-runs
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_% -]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-50s %s\n", $$1, $$2}'
@@ -24,6 +24,9 @@ train: setup ## one GLUE run on the default config (MRPC, ResLoRA_bs, MiniLM-L6,
 
 test: setup ## the fast test suite (slow end-to-end checks: make test-slow)
 	$(PY) -m pytest -q
+
+check-records: setup ## every committed run record: readable, ok, from a committed tree, config equal to HEAD's (or listed in results/records/known_stale.txt)
+	$(PY) experiments/check_records.py
 
 test-slow: setup ## end-to-end checks marked slow
 	$(PY) -m pytest -q -m slow

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from reslora.io import atomic_path
-from reslora.records import load_records
+from reslora.records import load_failures, load_records
 from reslora.report import (CONTROL_ROWS, MODE_LABELS, RESLORA_ROWS, final_loss_frame, headline_frame, label,
                             mode_frame, mode_gaps, mode_table, ordered, paired_comparison, plot_block_norm_heatmaps,
                             plot_curves, plot_fig3_curves, plot_grad_flow, plot_sample_grid, record_label,
@@ -64,17 +64,26 @@ def rows_table_and_comparison(records: list[dict], frame, rows: list[str], tasks
             "", paired_comparison(frame, tasks, rows=[m for m in compared if m in rows]), ""]
 
 
+ALLOW_DIRTY = False  # --allow-dirty: build from records made with uncommitted code, listing them in the output
+
+
 def records_of(results: Path, scale: str, tag: str) -> list[dict]:
-    records = load_records(results, scale, tag)
+    records = load_records(results, scale, tag, allow_dirty=ALLOW_DIRTY or None)
     if not records:
         raise SystemExit(f"no records under {results}/records/{scale}/{tag}: run `make reproduce-{tag} SCALE={scale}`")
     return records
 
 
-def failed_lines(records: list[dict]) -> list[str]:
-    failed = [f"- {r['task']}/{r['method']}/seed{r['seed']}: {r.get('error', '?')}" for r in records
-              if r.get("status") != "ok"]
-    return ["", "## Failed cells (shown as missing above)", "", *failed] if failed else []
+def failed_lines(records: list[dict], results: Path) -> list[str]:
+    """The cells whose last run failed (results/failures/), and the records made from uncommitted code."""
+    scale, tag = records[0]["scale"], records[0]["tag"]
+    failed = [f"- {r['task']}/{r.get('cell', r['method'])}/seed{r['seed']}: {r.get('error', '?')}"
+              for r in load_failures(results, scale, tag)]
+    dirty = [f"- {r['task']}/{r.get('cell', r['method'])}/seed{r['seed']} (commit {str(r['git'].get('commit'))[:7]})"
+             for r in records if r.get("dirty")]
+    return ((["", "## Failed runs (their cells show the last ok record, or are missing)", "", *failed] if failed else [])
+            + (["", f"## Records made from uncommitted code ({len(dirty)}, built with --allow-dirty: not evidence)",
+                "", *dirty] if dirty else []))
 
 
 def runs_took(records: list[dict]) -> str:
@@ -185,7 +194,7 @@ def table1(results: Path, scale: str) -> Path:
         "over seeds, band = min–max).",
     ]
     out = results / output_name("table1", scale, ".md")
-    write_markdown(out, text + failed_lines(records))
+    write_markdown(out, text + failed_lines(records, results))
     plot_curves(trained, "train_loss", results / "figures" / output_name("table1_loss", scale, ".png"),
                 trained_rows, tasks, f"Table 1 runs ({scale}): train loss", smooth=10)
     return out
@@ -210,7 +219,7 @@ def table2(results: Path, scale: str) -> Path:
         "`figures/table2_eval.png` (validation metric); mean over seeds, band = min–max.",
     ]
     out = results / output_name("table2", scale, ".md")
-    write_markdown(out, text + failed_lines(records))
+    write_markdown(out, text + failed_lines(records, results))
     plot_curves(records, "train_loss", results / "figures" / output_name("table2_loss", scale, ".png"), rows, tasks,
                 f"Table 2 runs ({scale}): train loss", smooth=10)
     plot_curves(records, "validation", results / "figures" / output_name("table2_eval", scale, ".png"), rows, tasks,
@@ -256,13 +265,13 @@ def table3(results: Path, scale: str) -> Path:
         *claims,
     ]
     out = results / output_name("table3", scale, ".md")
-    write_markdown(out, text + failed_lines(records))
+    write_markdown(out, text + failed_lines(records, results))
     return out
 
 
 def table4(results: Path, scale: str) -> Path:
     records_of(results, scale, "table4")  # fails clearly when the sweep has not run
-    records = table4_records(results, scale)
+    records = table4_records(results, scale, allow_dirty=ALLOW_DIRTY or None)
     frame = headline_frame(records)
     tasks = [t for t in TABLE2_TASKS["paper"] if t in set(frame["task"])]
     pre_nums = ["0", "1", "2", "4", "-1"]
@@ -283,7 +292,7 @@ def table4(results: Path, scale: str) -> Path:
         "mean over seeds), `figures/grad_flow.png` (per-layer gradient norms of A and B on MRPC).",
     ]
     out = results / output_name("table4", scale, ".md")
-    write_markdown(out, text + failed_lines(records))
+    write_markdown(out, text + failed_lines(records, results))
     figures = results / "figures"
     for variant in ("bs", "ms"):
         runs = [r for r in records if r["method"].startswith(f"reslora_{variant}_pre")]
@@ -384,7 +393,7 @@ def fig3(results: Path, scale: str, threshold: float) -> Path:
         "over seeds, band = min–max).",
     ]
     out = results / output_name("fig3", scale, ".md")
-    write_markdown(out, text + failed_lines(records))
+    write_markdown(out, text + failed_lines(records, results))
     figures = results / "figures"
     plot_fig3_curves(ok, figures / output_name("fig3_curves", scale, ".png"), methods,
                      f"Text-to-image fine-tuning ({scale})")
@@ -399,7 +408,11 @@ def main() -> None:
     parser.add_argument("--scale", default="cpu", choices=["smoke", "cpu", "paper"])
     parser.add_argument("--results", type=Path, default=Path("results"))
     parser.add_argument("--threshold", type=float, default=0.5, help="fig3: the target-style score to reach")
+    parser.add_argument("--allow-dirty", action="store_true",
+                        help="build from records made with uncommitted code too (listed in the output as such)")
     args = parser.parse_args()
+    global ALLOW_DIRTY
+    ALLOW_DIRTY = args.allow_dirty
     if args.table == "fig3":
         fig3(args.results, args.scale, args.threshold)
         return

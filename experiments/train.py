@@ -12,7 +12,8 @@ from reslora.train import run
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg) -> None:
-    run(cfg, HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run(cfg, list(hydra_cfg.overrides.task), dict(hydra_cfg.runtime.choices))
 
 
 if __name__ == "__main__":

@@ -45,6 +45,9 @@ class ResLoraConfig:
             raise ValueError(f"variant={self.variant!r} is not supported; choose one of {list(VARIANTS)}")
         if not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"r={self.r!r} must be a positive integer")
+        if not isinstance(self.lora_alpha, (int, float)) or not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha={self.lora_alpha!r} must be a number > 0 (the LoRA branch is scaled by "
+                             "lora_alpha / r: 0 or less never learns or flips the update)")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1)")
         if not isinstance(self.pre_num, int) or self.pre_num < -1:

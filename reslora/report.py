@@ -20,13 +20,14 @@ from .records import load_records  # noqa: E402
 ROW_LABELS = {"lora": "LoRA (r=4)", "lora_r16": "LoRA (r=16)", "peft_lora": "PEFT LoRA (r=4)", "adalora": "AdaLoRA",
               "loha": "LoHa", "lokr": "LoKr", "reslora_is": "ResLoRA_is", "reslora_bs": "ResLoRA_bs",
               "reslora_ms": "ResLoRA_ms", "zero_shot": "Zero-shot (base model)",
-              "lora_alpha16": "LoRA (r=4, alpha=16), control", "lora_alpha32": "LoRA (r=4, alpha=32), control"}
+              "lora_alpha16": "LoRA (r=4, alpha=16), control", "lora_alpha32": "LoRA (r=4, alpha=32), control",
+              "lora_alpha64": "LoRA (r=4, alpha=64), control"}
 TASK_LABELS = {"cola": "CoLA (Mcc)", "sst2": "SST-2 (Acc)", "mrpc": "MRPC (Acc)", "qqp": "QQP (Acc)",
                "mnli": "MNLI (Acc)", "qnli": "QNLI (Acc)", "rte": "RTE (Acc)", "stsb": "STS-B (Pearson)",
                "wnli": "WNLI (Acc)", "gsm8k": "GSM8K (Acc)", "svamp": "SVAMP (Acc)", "mathqa": "MathQA (Acc)",
                "metamathqa": "MetaMathQA (Acc on GSM8K)", "hellaswag": "HellaSwag (Acc)"}
 RESLORA_ROWS = ("reslora_is", "reslora_bs", "reslora_ms")
-CONTROL_ROWS = ("lora_alpha16", "lora_alpha32")  # not in the paper: LoRA at the scale ResLoRA rows merge with
+CONTROL_ROWS = ("lora_alpha16", "lora_alpha32", "lora_alpha64")  # not in the paper: LoRA at the scale ResLoRA rows merge with
 
 
 def task_name(task: str) -> str:
@@ -366,9 +367,10 @@ TABLE4_FROM_TABLE2 = {"lora": ["reslora_bs_pre0", "reslora_ms_pre0"], "reslora_b
                       "reslora_ms": ["reslora_ms_pre4"]}
 
 
-def table4_records(results: Path, scale: str) -> list[dict]:
+def table4_records(results: Path, scale: str, allow_dirty: bool | None = None) -> list[dict]:
     """The pre_num sweep's own records plus Table 2's runs of the same tasks renamed per TABLE4_FROM_TABLE2."""
-    own = load_records(results, scale, "table4")
+    own = load_records(results, scale, "table4", allow_dirty)
     tasks = {r["task"] for r in own}
-    return own + [{**r, "method": name} for r in load_records(results, scale, "table2") if r["task"] in tasks
+    return own + [{**r, "method": name} for r in load_records(results, scale, "table2", allow_dirty)
+                                                     if r["task"] in tasks
                   for name in TABLE4_FROM_TABLE2.get(r["method"], [])]

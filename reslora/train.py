@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
+from filelock import FileLock, Timeout
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -28,8 +29,10 @@ from .io import atomic_path
 from .merge import delta_norms
 from .methods import apply_method, eval_modes, model_for_mode
 from .model import ResLoraModel
-from .records import environment, is_done, record_path, write_record
+from .records import (RecordError, cell_name, config_hash, differing_keys, environment, failure_path, identity,
+                      is_dirty, publish, read_record, record_path, variant_overrides, write_record)
 from .tasks import build_task
+from .tasks.mirror import FILES_READ
 from .wandb_logger import RunLogger
 
 
@@ -53,6 +56,11 @@ def validate_config(cfg) -> None:
     for name, value, ok, accepted in checks:
         if not ok:
             raise ValueError(f"{name}={value!r} is invalid; it must be {accepted}")
+    for name, value in (("train.max_steps", t.max_steps), ("train.epochs", t.epochs),
+                        ("data.val_samples", cfg.data.val_samples)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name}={value!r} is invalid; it must be an integer >= 1" +
+                             (" (or null)" if name != "data.val_samples" else ""))
     if not (t.max_steps or t.epochs):
         raise ValueError(f"train.max_steps={t.max_steps!r} and train.epochs={t.epochs!r}: set one of them > 0")
 
@@ -62,14 +70,6 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     stats = (".input_norms", ".ax_norms", ".stat_count")
     return {n: t.detach().clone() for n, t in model.state_dict().items() if n in trainable or n.endswith(stats)}
-
-
-# Keys that steer a run without changing what it computes: a checkpoint is resumable across them.
-RUN_CONTROL_KEYS = ("debug", "logger", "skip_done", "continue_on_failure")
-
-
-def identity(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in RUN_CONTROL_KEYS}
 
 
 def adapter_grad_norms(model) -> dict[str, list[float]]:
@@ -111,18 +111,50 @@ def batch_stream(loader, accelerator, epoch: int, start: int):
         epoch, start = epoch + 1, 0
 
 
-def run(cfg, run_dir: str | Path) -> dict:
-    """Train and evaluate one configuration; write its record to the run dir and to results/."""
-    run_dir = Path(run_dir)
-    published = record_path(cfg.results_dir, cfg.scale.name, cfg.tag, cfg.task.name, cfg.method.name, cfg.seed)
-    if cfg.skip_done and is_done(published):
-        print(f"skip: {published} exists")
-        return {"status": "skipped", "record": str(published)}
-    record = {"status": "running", "task": cfg.task.name, "method": cfg.method.name, "seed": cfg.seed,
-              "scale": cfg.scale.name, "tag": cfg.tag, "config": OmegaConf.to_container(cfg, resolve=True),
-              **environment()}
-    logger = RunLogger(cfg.logger, name=f"{cfg.task.name}-{cfg.method.name}-seed{cfg.seed}",
-                       group=f"{cfg.scale.name}/{cfg.tag}", config=record["config"], run_dir=run_dir)
+def run(cfg, overrides=(), choices: dict | None = None) -> dict:
+    """Train and evaluate one configuration. ``overrides``: the command line's (they name a variant cell);
+    ``choices``: the config group options Hydra picked (recorded, so that ``make check-records`` can compose
+    the same config again). The run dir is keyed by the identity hash; only an ok run publishes its record."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    variants = variant_overrides(overrides)
+    cell = cell_name(cfg.method.name, variants, config)
+    where = (cfg.results_dir, cfg.scale.name, cfg.tag, cfg.task.name, cell, cfg.seed)
+    published, failure = record_path(*where), failure_path(*where)
+    run_dir = Path(cfg.runs_dir, cfg.scale.name, cfg.tag, cfg.task.name, cell, f"seed{cfg.seed}",
+                   f"config-{config_hash(identity(config))}")
+    provenance = environment()
+    try:
+        existing = read_record(published)
+    except RecordError as error:
+        print(f"rerun: {error}")
+        existing = None
+    if existing is not None:
+        differ = differing_keys(identity(existing["config"]), identity(config))
+        stale = differ or (is_dirty(existing) and not is_dirty(provenance))  # a clean rerun replaces a dirty one
+        if cfg.skip_done and not stale:
+            print(f"skip: {published} exists with this config")
+            return {"status": "skipped", "record": str(published)}
+        if cfg.skip_done:
+            print(f"rerun: {published} was made " + (f"with another config ({'; '.join(differ[:10])})" if differ
+                                                      else "from a tree with uncommitted changes"))
+    record = {"status": "running", "task": cfg.task.name, "method": cfg.method.name, "cell": cell, "seed": cfg.seed,
+              "scale": cfg.scale.name, "tag": cfg.tag, "overrides": list(overrides), "variant_overrides": variants,
+              "choices": dict(choices or {}), "config": config, **provenance}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # One launch per run dir (its main process holds the lock for all of a distributed launch's processes).
+    lock = FileLock(str(run_dir / "run.lock"))
+    try:
+        if int(os.environ.get("RANK", 0)) == 0:
+            lock.acquire(timeout=0)
+    except Timeout:
+        message = (f"{run_dir} is in use by another process running the same configuration ({lock.lock_file} is "
+                   "held); wait for it to finish, or stop it")
+        if cfg.continue_on_failure:
+            print(f"refused: {message}")
+            return {"status": "refused", "error": message}
+        raise RuntimeError(message) from None
+    logger = RunLogger(cfg.logger, name=f"{cfg.task.name}-{cell}-seed{cfg.seed}",
+                       group=f"{cfg.scale.name}/{cfg.tag}", config=config, run_dir=run_dir)
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     start = time.time()
     try:
@@ -140,7 +172,14 @@ def run(cfg, run_dir: str | Path) -> dict:
         record["peak_memory_mb"] = peak_memory_mb()
         logger.finish()
         if record.get("is_main_process", True):
-            write_record(record, run_dir / "record.json", published)
+            write_record(record, run_dir / "record.json")
+            if record["status"] == "ok":
+                publish(record, published)
+                failure.unlink(missing_ok=True)
+            else:
+                write_record(record, failure)
+        if lock.is_locked:
+            lock.release()
     return record
 
 
@@ -154,6 +193,15 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def split_predictions(final: dict) -> tuple[dict, dict]:
+    """{mode: {split: metrics with 'items'}} -> (the metrics, {mode: {split: items}}): the record keeps the
+    per-item predictions apart from the metrics."""
+    metrics = {mode: {split: {k: v for k, v in m.items() if k != "items"} for split, m in splits.items()}
+               for mode, splits in final.items()}
+    items = {mode: {split: m["items"] for split, m in splits.items() if "items" in m} for mode, splits in final.items()}
+    return metrics, items
+
+
 def evaluate_base(cfg, task, model, splits, accelerator, record: dict, logger: RunLogger) -> None:
     """The reference row (method kind ``none``, e.g. zero-shot): the base model as it is, on the test
     split(s), without training."""
@@ -164,8 +212,8 @@ def evaluate_base(cfg, task, model, splits, accelerator, record: dict, logger: R
     record.update(trainable_params=0, total_params=sum(p.numel() for p in model.parameters()), total_steps=0,
                   headline_mode="unmerged", headline_metric=task.headline, train_loss=[], eval=[], grad_norms=[],
                   train_loop_s=0.0)
-    record["final"] = {"unmerged": {name: task.evaluate(model, loader, accelerator)
-                                    for name, loader in zip(loaders, prepared)}}
+    record["final"], record["predictions"] = split_predictions(
+        {"unmerged": {name: task.evaluate(model, loader, accelerator) for name, loader in zip(loaders, prepared)}})
     record["headline"] = record["final"]["unmerged"]["test"][task.headline]
     logger.summary({"headline": record["headline"]})
 
@@ -188,6 +236,7 @@ def train_and_evaluate(cfg, run_dir: Path, record: dict, logger: RunLogger) -> N
         record["assets"] = task.assets()
     splits = task.datasets()
     record["data_sizes"] = {name: len(ds) for name, ds in splits.items()}
+    record["data_files"] = dict(FILES_READ)  # mirror files read, with their manifest's sha256 and example count
     if getattr(task, "split_note", None):  # where the splits came from, when the mirror decided them
         record["split_note"] = task.split_note
     if cfg.method.kind == "none":
@@ -234,9 +283,10 @@ def train_and_evaluate(cfg, run_dir: Path, record: dict, logger: RunLogger) -> N
     pending_rng = None
     if checkpoint.is_file():
         saved = torch.load(checkpoint, weights_only=False)
-        if identity(saved["config"]) != identity(record["config"]):
-            raise ValueError(f"{checkpoint} belongs to a run with another config; delete it or choose another "
-                             "run dir (e.g. tag=...)")
+        differ = differing_keys(identity(saved["config"]), identity(record["config"]))
+        if differ:
+            raise ValueError(f"{checkpoint} belongs to a run with another config ({'; '.join(differ[:10])}); delete "
+                             "it to start afresh")
         unwrapped.load_state_dict(saved["model"], strict=False)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -294,6 +344,7 @@ def train_and_evaluate(cfg, run_dir: Path, record: dict, logger: RunLogger) -> N
 
         if step % t.eval_every == 0 or step == total_steps:
             metrics = evaluate(modes[0], "validation")
+            metrics.pop("items", None)  # per-item predictions are kept for the test splits only
             progress["eval"].append({"step": step, "validation": metrics})
             logger.log({f"validation/{k}": v for k, v in metrics.items()}, step)
             if progress["best"] is None or metrics[task.headline] > progress["best"]["validation"][task.headline]:
@@ -311,8 +362,9 @@ def train_and_evaluate(cfg, run_dir: Path, record: dict, logger: RunLogger) -> N
                   best={"step": best["step"], "validation": best["validation"]})
     if isinstance(unwrapped, ResLoraModel):
         record["block_norms"] = delta_norms(unwrapped, "plain" if modes[0] == "unmerged" else modes[0])
-    record["final"] = {mode: {split: evaluate(mode, split) for split in eval_loaders if split != "validation"}
-                       for mode in (modes if t.test_modes == "all" else modes[:1])}
+    record["final"], record["predictions"] = split_predictions(
+        {mode: {split: evaluate(mode, split) for split in eval_loaders if split != "validation"}
+         for mode in (modes if t.test_modes == "all" else modes[:1])})
     record["headline"] = record["final"][modes[0]]["test"][task.headline]
     logger.log({f"test/{mode}/{k}": v for mode, m in record["final"].items() for k, v in m["test"].items()},
                total_steps)

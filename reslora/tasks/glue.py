@@ -20,6 +20,8 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
+from .mirror import verify_mirror_file
+
 HUB_ID = "nyu-mll/glue"
 NLI_LABELS = {"entailment": 0, "not_entailment": 1}
 
@@ -83,26 +85,50 @@ def _missing(task: str, path: Path) -> FileNotFoundError:
         "download_glue_data.py) and point DATA_MIRROR at the directory that holds the task folders.")
 
 
-def read_mirror_split(task: str, mirror: Path, filename: str) -> Dataset:
+def read_mirror_split(task: str, mirror: Path, filename: str, cache_dir: str | Path | None = None) -> Dataset:
+    """One GLUE file of the mirror, verified against the mirror's manifest when it has one. ``idx`` is the
+    example's row in the file (0 = the first data row): a stable id for per-item predictions."""
     spec = GLUE[task]
     # The mirror holds the task folders directly or under glue_data/ (download_glue_data.py's output).
     root = Path(mirror) / "glue_data" if (Path(mirror) / "glue_data").is_dir() else Path(mirror)
     path = root / spec.folder / filename
     if not path.is_file():
         raise _missing(task, path)
+    verify_mirror_file(Path(mirror), path, cache_dir)
     csv.field_size_limit(sys.maxsize)
     with open(path, encoding="utf-8-sig", newline="") as f:
         rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    header, rows = (spec.header, rows) if spec.header else (tuple(rows[0]), rows[1:])
+    header, rows, first_line = (spec.header, rows, 1) if spec.header else (tuple(rows[0]), rows[1:], 2)
+    missing = [col for col in spec.columns.values() if col not in header]
+    if missing:
+        raise ValueError(f"{path}: header {list(header)} lacks the column(s) {missing} that GLUE {task!r} needs")
+    for line, row in enumerate(rows, start=first_line):
+        if len(row) != len(header):
+            raise ValueError(f"{path}, line {line}: {len(row)} fields where the header has {len(header)}; the file "
+                             "is truncated or malformed (compare it with the mirror's manifest.json)")
     index = {name: header.index(col) for name, col in spec.columns.items()}
-    data = {name: [row[i] for row in rows if len(row) == len(header)] for name, i in index.items()}
-    if spec.labels:
-        data["label"] = [spec.labels[v] for v in data["label"]]
-    elif spec.num_labels == 1:
-        data["label"] = [float(v) for v in data["label"]]
-    else:
-        data["label"] = [int(v) for v in data["label"]]
+    data = {name: [row[i] for row in rows] for name, i in index.items()}
+    try:
+        if spec.labels:
+            data["label"] = [spec.labels[v] for v in data["label"]]
+        else:
+            data["label"] = [(float if spec.num_labels == 1 else int)(v) for v in data["label"]]
+    except (KeyError, ValueError) as error:
+        bad = next(i for i, v in enumerate(data["label"]) if not _valid_label(spec, v))
+        raise ValueError(f"{path}, line {bad + first_line}: label {data['label'][bad]!r} is not one of the "
+                         f"accepted values ({sorted(spec.labels) if spec.labels else 'a number'})") from error
+    data["idx"] = list(range(len(rows)))
     return Dataset.from_dict(data)
+
+
+def _valid_label(spec: GlueSpec, value: str) -> bool:
+    if spec.labels:
+        return value in spec.labels
+    try:
+        (float if spec.num_labels == 1 else int)(value)
+        return True
+    except ValueError:
+        return False
 
 
 class GlueTask:
@@ -132,7 +158,7 @@ class GlueTask:
         spec = self.spec
         if mirror:
             filename = {"train": "train.tsv", "dev": spec.dev}.get(which) or spec.extra_test[1]
-            return read_mirror_split(self.name, Path(mirror), filename)
+            return read_mirror_split(self.name, Path(mirror), filename, self.data_cfg.cache_dir)
         split = {"train": "train", "dev": spec.dev_hub}.get(which) or spec.extra_test[2]
         try:
             return load_dataset(HUB_ID, self.name, split=split)
@@ -152,7 +178,7 @@ class GlueTask:
             return self.tokenizer(*texts, truncation=True, max_length=self.data_cfg.max_length)
 
         tokenized = raw.map(tokenize, batched=True, cache_file_name=str(cache),
-                            remove_columns=[c for c in raw.column_names if c != "label"])
+                            remove_columns=[c for c in raw.column_names if c not in ("label", "idx")])
         return tokenized.rename_column("label", "labels")
 
     def datasets(self) -> dict[str, Dataset]:
@@ -161,7 +187,8 @@ class GlueTask:
         cfg = self.data_cfg
         train = self._tokenized("train").shuffle(seed=cfg.split_seed)
         n_val = min(cfg.val_samples, len(train) // 5)
-        splits = {"validation": train.select(range(n_val)), "train": train.select(range(n_val, len(train)))}
+        splits = {"validation": train.select(range(n_val)),
+                  "train": train.select(range(n_val, len(train))).remove_columns("idx")}
         if cfg.max_train_samples:
             splits["train"] = splits["train"].select(range(min(cfg.max_train_samples, len(splits["train"]))))
         tests = {"test": "dev"}
@@ -181,19 +208,24 @@ class GlueTask:
         return model(**batch).loss
 
     @torch.no_grad()
-    def evaluate(self, model, loader, accelerator) -> dict[str, float]:
+    def evaluate(self, model, loader, accelerator) -> dict:
+        """The metrics, and under ``items`` each example's id (its row in the source file), prediction (class,
+        or score for STS-B) and label: what paired statistics over test items need."""
         model.eval()
-        predictions, labels = [], []
+        ids, predictions, labels = [], [], []
         for batch in loader:
-            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            logits = model(**{k: v for k, v in batch.items() if k not in ("labels", "idx")}).logits
             pred = logits.squeeze(-1) if self.spec.num_labels == 1 else logits.argmax(-1)
-            pred, label = accelerator.gather_for_metrics((pred, batch["labels"]))
+            pred, label, idx = accelerator.gather_for_metrics((pred, batch["labels"], batch["idx"]))
             predictions.append(pred.float().cpu())
             labels.append(label.float().cpu())
+            ids.append(idx.cpu())
         predictions, labels = torch.cat(predictions).numpy(), torch.cat(labels).numpy()
         if self.spec.num_labels > 1:
             predictions, labels = predictions.astype(int), labels.astype(int)
-        return compute_metrics(self.spec.metrics, predictions, labels)
+        items = {"id": torch.cat(ids).tolist(), "label": labels.tolist(),
+                 "prediction": predictions.tolist() if self.spec.num_labels > 1 else predictions.round(4).tolist()}
+        return {**compute_metrics(self.spec.metrics, predictions, labels), "items": items}
 
 
 def resolve_model_path(model_cfg) -> str:

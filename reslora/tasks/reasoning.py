@@ -16,8 +16,10 @@ from __future__ import annotations
 import json
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+from .mirror import verify_mirror_file
 
 ANSWER_PREFIX = "The answer is"
 LETTERS = "abcdefghij"
@@ -29,6 +31,7 @@ class Example:
     target: str    # what the model learns to write after the prompt
     answer: str    # the gold answer: a number as text, or a letter
     kind: str      # "number" or "choice"
+    id: int = -1   # the item's index in its source file (or hub split): a stable id for per-item predictions
 
 
 # ---- formats ----------------------------------------------------------------------------------------------
@@ -118,12 +121,26 @@ FORMATS = {"gsm8k": gsm8k_example, "svamp": svamp_example, "mathqa": mathqa_exam
 
 
 def _read(path: Path) -> list[dict]:
+    """The items of a JSON or JSON-lines file, each with ``_row``: its index in the file (a stable id)."""
     if path.suffix == ".jsonl":
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return json.loads(path.read_text())
+        items = []
+        for line_number, line in enumerate(path.read_text().splitlines(), start=1):
+            if line.strip():
+                try:
+                    items.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}, line {line_number}: not a JSON object ({error}); the file is "
+                                     "truncated or malformed") from error
+    else:
+        try:
+            items = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error}); the file is truncated or malformed") from error
+    return [{**item, "_row": i} for i, item in enumerate(items)]
 
 
-def mirror_splits(task: str, mirror: Path, split_seed: int) -> tuple[dict[str, list[dict]], str]:
+def mirror_splits(task: str, mirror: Path, split_seed: int, cache_dir: str | Path | None = None
+                  ) -> tuple[dict[str, list[dict]], str]:
     """Raw items per split ('train', 'test', and for MathQA 'validation') from the mirror, and a note."""
     if task not in MIRROR_FILES:
         raise FileNotFoundError(
@@ -134,6 +151,7 @@ def mirror_splits(task: str, mirror: Path, split_seed: int) -> tuple[dict[str, l
         if not path.is_file():
             raise FileNotFoundError(f"task {task!r} needs {path}, which does not exist: put the file there or leave "
                                     f"DATA_MIRROR unset to read {HUB[task][0]} from the hub")
+        verify_mirror_file(Path(mirror), path, cache_dir)
     if task == "gsm8k":
         return {"train": _read(files["train"]), "test": _read(files["test"])}, "official train/test"
     if task == "svamp":
@@ -157,7 +175,8 @@ def hub_splits(task: str) -> dict[str, list[dict]]:
     # HellaSwag's test labels are private: report on validation, as the authors did. MetaMathQA has no test
     # split of its own (it is scored on GSM8K's).
     test = {"hellaswag": "validation", "metamathqa": None}.get(task, "test")
-    return {"train": list(data["train"]), "test": list(data[test]) if test else []}
+    return {split: [{**item, "_row": i} for i, item in enumerate(data[name])] if name else []
+            for split, name in (("train", "train"), ("test", test))}
 
 
 # ---- the task object for the shared loop ----------------------------------------------------------------------
@@ -189,16 +208,16 @@ class ReasoningTask:
     def examples(self) -> tuple[dict[str, list[Example]], str]:
         cfg = self.data_cfg
         if cfg.mirror:
-            raw, note = mirror_splits(self.name, Path(cfg.mirror), cfg.split_seed)
+            raw, note = mirror_splits(self.name, Path(cfg.mirror), cfg.split_seed, cfg.cache_dir)
         else:
             raw, note = hub_splits(self.name), "hub splits"
         if self.name == "metamathqa":  # the authors score MetaMathQA training on the GSM8K test set
-            raw["test"] = (mirror_splits("gsm8k", Path(cfg.mirror), cfg.split_seed)[0] if cfg.mirror
+            raw["test"] = (mirror_splits("gsm8k", Path(cfg.mirror), cfg.split_seed, cfg.cache_dir)[0] if cfg.mirror
                            else hub_splits("gsm8k"))["test"]
         fmt = FORMATS[self.name]
-        train = [fmt(item) for item in raw["train"]]
+        train = [replace(fmt(item), id=item["_row"]) for item in raw["train"]]
         test_fmt = gsm8k_example if self.name == "metamathqa" else fmt
-        test = [test_fmt(item) for item in raw["test"]]
+        test = [replace(test_fmt(item), id=item["_row"]) for item in raw["test"]]
         random.Random(cfg.split_seed).shuffle(train)
         n_val = min(cfg.val_samples, len(train) // 5)
         splits = {"validation": train[:n_val], "train": train[n_val:], "test": test}
@@ -223,7 +242,7 @@ class ReasoningTask:
 
         def generation_row(ex: Example) -> dict:
             ids = tok(ex.prompt, add_special_tokens=False)["input_ids"][-limit:]
-            return {"input_ids": ids, "answer": ex.answer, "kind": ex.kind}
+            return {"input_ids": ids, "answer": ex.answer, "kind": ex.kind, "id": ex.id}
 
         out = {"train": Dataset.from_list([training_row(e) for e in splits["train"]])}
         for name in ("validation", "test"):
@@ -247,7 +266,8 @@ class ReasoningTask:
             ids = [[pad] * (width - len(r["input_ids"])) + r["input_ids"] for r in rows]
             mask = [[0] * (width - len(r["input_ids"])) + [1] * len(r["input_ids"]) for r in rows]
             return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask),
-                    "answer": [r["answer"] for r in rows], "kind": [r["kind"] for r in rows]}
+                    "answer": [r["answer"] for r in rows], "kind": [r["kind"] for r in rows],
+                    "id": [r["id"] for r in rows]}
 
         return collate
 
@@ -272,7 +292,7 @@ class ReasoningTask:
                 return torch.tensor([answer_complete(t) for t in texts], device=input_ids.device)
 
         model.eval()
-        correct = []
+        correct, items = [], {"id": [], "prediction": [], "correct": []}
         with torch.no_grad():
             for batch in loader:
                 width = batch["input_ids"].shape[1]
@@ -281,7 +301,12 @@ class ReasoningTask:
                                            pad_token_id=tokenizer.pad_token_id,
                                            stopping_criteria=StoppingCriteriaList([AnswerComplete(width)]))
                 texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
-                flags = [is_correct(extract_answer(t, k), a, k) for t, a, k in zip(texts, batch["answer"], batch["kind"])]
+                answers = [extract_answer(t, k) for t, k in zip(texts, batch["kind"])]
+                flags = [is_correct(p, a, k) for p, a, k in zip(answers, batch["answer"], batch["kind"])]
+                items["id"] += batch["id"]
+                items["prediction"] += answers
+                items["correct"] += flags
                 correct.append(accelerator.gather_for_metrics(torch.tensor(flags, dtype=torch.float32,
                                                                            device=batch["input_ids"].device)))
-        return {"accuracy": float(torch.cat(correct).mean())}
+        # items: this process's share (ids, extracted answers, correct or not); single-process runs hold all
+        return {"accuracy": float(torch.cat(correct).mean()), "items": items}

@@ -1,0 +1,116 @@
+"""Check every published run record (`make check-records`; CI runs it).
+
+A record passes when it parses, has status ok, was made from a committed tree (git.dirty false), and its
+identity config equals what its experiment composes at HEAD (same experiment, scale, task, method, seed and
+overrides). Records known to fail a check are listed, with the reason, in results/records/known_stale.txt;
+they are reported but do not fail the check. The check fails (exit 1) on any other problem, and on a listed
+record that no longer has one (the list must stay true).
+
+    python experiments/check_records.py [--results results] [--verbose]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from reslora.records import RecordError, differing_keys, identity, is_dirty, read_record
+
+ROOT = Path(__file__).resolve().parents[1]
+KNOWN_STALE = "known_stale.txt"
+
+
+def known_stale(records_dir: Path) -> dict[str, str]:
+    """{record path relative to results/records: reason} from known_stale.txt (``path  # reason`` lines)."""
+    listing = records_dir / KNOWN_STALE
+    if not listing.is_file():
+        return {}
+    known = {}
+    for line in listing.read_text().splitlines():
+        path, _, reason = line.partition("#")
+        if path.strip():
+            known[path.strip()] = reason.strip()
+    return known
+
+
+@functools.lru_cache(maxsize=None)
+def _composed(overrides: tuple[str, ...]) -> dict:
+    return identity(OmegaConf.to_container(compose("config", overrides=list(overrides)), resolve=True))
+
+
+def scale_option(record: dict) -> str:
+    """The scale config the record was made with: recorded, or (older records) the scale name with the suffix
+    of its task family's scales (cpu, cpu_nlg, cpu_t2i)."""
+    chosen = (record.get("choices") or {}).get("scale")
+    if chosen:
+        return chosen
+    family = record["config"]["task"].get("family")
+    return record["scale"] + {"reasoning": "_nlg", "text2image": "_t2i"}.get(family, "")
+
+
+def composed_identity(record: dict) -> dict:
+    """The identity config that the record's experiment composes at HEAD (composed once per cell; the seed
+    only sets the ``seed`` key)."""
+    tag = record["tag"]
+    experiment = f"experiment={tag}" if (ROOT / "conf" / "experiment" / f"{tag}.yaml").is_file() else f"tag={tag}"
+    cell = _composed((experiment, f"scale={scale_option(record)}", f"task={record['task']}",
+                      f"method={record['method']}", *record.get("variant_overrides", [])))
+    return {**cell, "seed": record["seed"]}
+
+
+def check(results: Path, verbose: bool = False) -> int:
+    records_dir = results / "records"
+    known = known_stale(records_dir)
+    files = sorted(p for p in records_dir.glob("*/*/*/*/seed*.json") if p.parts[-5] != "smoke")
+    problems: dict[str, str] = {}
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        for path in files:
+            name = str(path.relative_to(records_dir))
+            try:
+                record = read_record(path)
+            except RecordError as error:
+                problems[name] = str(error)
+                continue
+            issues = []
+            if record.get("status") != "ok":
+                issues.append(f"status {record.get('status')!r}")
+            if is_dirty(record):
+                issues.append(f"made from a tree with uncommitted changes (commit {record.get('git', {}).get('commit')})")
+            differ = differing_keys(composed_identity(record), identity(record["config"]))
+            if differ:
+                issues.append(f"config differs from HEAD's in {len(differ)} key(s): {'; '.join(differ[:4])}"
+                              + (" ..." if len(differ) > 4 else ""))
+            if issues:
+                problems[name] = "; ".join(issues)
+            elif verbose:
+                print(f"ok      {name}")
+    unlisted = {k: v for k, v in problems.items() if k not in known}
+    listed = {k: v for k, v in problems.items() if k in known}
+    fixed = sorted(k for k in known if k not in problems)
+    for name, problem in listed.items():
+        print(f"stale   {name}: {problem} (listed: {known[name]})")
+    for name, problem in unlisted.items():
+        print(f"FAIL    {name}: {problem}")
+    for name in fixed:
+        print(f"FAIL    {name} is listed in {KNOWN_STALE} but " +
+              ("passes now: remove it from the list" if (records_dir / name).is_file() else "does not exist"))
+    print(f"{len(files)} records: {len(files) - len(problems)} pass, {len(listed)} listed as stale, "
+          f"{len(unlisted)} unlisted problems, {len(fixed)} outdated list entries")
+    return 1 if unlisted or fixed else 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=ROOT / "results")
+    parser.add_argument("--verbose", action="store_true", help="also list the records that pass")
+    args = parser.parse_args()
+    sys.exit(check(args.results, args.verbose))
+
+
+if __name__ == "__main__":
+    main()
