@@ -80,6 +80,11 @@ class ResLoraConfig:
         path = Path(directory, CONFIG_NAME)
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist: {directory} is not a saved ResLoRA adapter")
-        data = json.loads(path.read_text())
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON ({error}): the adapter's config is damaged") from error
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} does not describe a ResLoRA adapter (not a JSON object)")
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**{k: v for k, v in values.items() if k in known})

@@ -91,14 +91,34 @@ class ResLoraModel(nn.Module):
         self.base_model = base_model
         self.reslora_config = config
         self._slot = ForwardSlot()
-        base_model.requires_grad_(False)
-        self._inject(config)
-        self._unfreeze_modules_to_save(config.modules_to_save)
-        self.chains = self._build_chains(config)
+        self._hooks = []
+        self._requires_grad = {n: p.requires_grad for n, p in base_model.named_parameters()}
+        try:  # all or nothing: a wrap that fails leaves the base model as it was
+            base_model.requires_grad_(False)
+            self._inject(config)
+            self._unfreeze_modules_to_save(config.modules_to_save)
+            self.chains = self._build_chains(config)
+        except BaseException:
+            self.unload()
+            raise
         # The forward state is scoped by hooks on the base model's root, so that every way of running it
         # (our forward, generate, a direct call) gets a fresh state that is dropped when the call ends.
         self._hooks = [base_model.register_forward_pre_hook(self._slot.begin),
                        base_model.register_forward_hook(self._slot.end, always_call=True)]
+
+    def unload(self) -> nn.Module:
+        """The base model as it was before wrapping (adapters dropped, not merged): its own linear layers back,
+        no hooks, every parameter's ``requires_grad`` as before."""
+        for name, module in list(self.base_model.named_modules()):
+            if isinstance(module, ResLoraLinear):
+                parent_name, _, child = name.rpartition(".")
+                setattr(self.base_model.get_submodule(parent_name), child, module.base_layer)
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        for name, param in self.base_model.named_parameters():
+            param.requires_grad_(self._requires_grad.get(name, param.requires_grad))
+        return self.base_model
 
     # ---- construction -------------------------------------------------------------------------------
     def _inject(self, config: ResLoraConfig) -> None:
@@ -107,9 +127,14 @@ class ResLoraModel(nn.Module):
             linears = sorted({target_name(n) for n, m in self.base_model.named_modules() if isinstance(m, nn.Linear)})
             raise ValueError(f"target_modules={config.target_modules!r} matched no module; the linear layers "
                              f"of this model are named {linears}")
-        for name, module in targets:
+        for name, module in targets:  # check them all before changing anything
             if not isinstance(module, nn.Linear):
                 raise TypeError(f"target module {name!r} is a {type(module).__name__}; ResLoRA adapts nn.Linear only")
+            if module.weight.is_meta:
+                raise ValueError(f"target module {name!r} has its weight on the meta device (no data): load the base "
+                                 "model's weights first (e.g. from_pretrained without device_map='meta', or "
+                                 "to_empty() then load_state_dict), then wrap it")
+        for name, module in targets:
             parent_name, _, child = name.rpartition(".")
             layer = ResLoraLinear(module, config.variant, config.r, config.lora_alpha, config.lora_dropout,
                                   config.window, self._slot)
@@ -262,12 +287,30 @@ class ResLoraModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, directory: str | Path) -> "ResLoraModel":
+        """Wrap ``base_model`` with the adapter saved in ``directory``. All or nothing: when the adapter cannot be
+        loaded, the base model is left exactly as it was."""
         model = cls(base_model, ResLoraConfig.load(directory))
-        model.load_adapter(directory)
+        try:
+            model.load_adapter(directory)
+        except BaseException:
+            model.unload()
+            raise
         return model
 
     def load_adapter(self, directory: str | Path) -> None:
-        saved = load_file(str(Path(directory, WEIGHTS_NAME)))
+        path = Path(directory, WEIGHTS_NAME)
+        try:
+            saved = load_file(str(path))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path} does not exist: {directory} is not a saved ResLoRA adapter") from None
+        except Exception as error:  # safetensors raises its own error type for a damaged file
+            raise ValueError(f"{path} cannot be read as safetensors ({error}): the file is damaged or truncated; "
+                             "save the adapter again") from error
+        chains_path = Path(directory, CHAINS_NAME)
+        try:
+            saved_chains = json.loads(chains_path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"{chains_path} cannot be read ({error}): the adapter is incomplete or damaged") from error
         expected = self.adapter_state_dict()
         for name, tensor in saved.items():
             if name not in expected:
@@ -280,7 +323,7 @@ class ResLoraModel(nn.Module):
         if missing:
             raise ValueError(f"adapter in {directory} lacks {len(missing)} tensors, first {missing[0]!r}")
         self.base_model.load_state_dict(saved, strict=False)
-        self._restore_chain_splits(json.loads(Path(directory, CHAINS_NAME).read_text()))
+        self._restore_chain_splits(saved_chains)
 
     def _restore_chain_splits(self, saved_chains: list[list[str]]) -> None:
         heads = {names[0] for names in saved_chains}

@@ -29,9 +29,11 @@ PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "hydra-co
 RUN_CONTROL_KEYS = ("debug", "logger", "skip_done", "continue_on_failure", "runs_dir", "results_dir", "threads",
                     "data.mirror", "data.cache_dir")
 # Overrides that name the cell itself (its row, column and seed) or only steer the run: not a variant of a cell.
-GRID_KEYS = ("task", "method", "seed", "scale", "experiment", "tag", "hydra")
-# Tracked paths whose content the code fingerprint covers.
-FINGERPRINT_PATHS = ("reslora", "experiments", "conf")
+GRID_KEYS = ("task", "method", "seed", "scale", "experiment", "tag")
+# Tracked paths that make up the code of a run: the dirty flag and the fingerprint cover them (not results/,
+# which a sweep writes to as it goes).
+CODE_PATHS = ("reslora", "experiments", "conf", "Makefile", "pyproject.toml", "requirements.txt",
+              "requirements-nodeps.txt")
 
 
 class RecordError(ValueError):
@@ -72,8 +74,9 @@ def override_key(override: str) -> str:
 
 def variant_overrides(overrides) -> list[str]:
     """The command-line overrides that make a run a variant of its cell: neither grid nor run-control keys."""
-    def steers(key: str) -> bool:
-        return any(key == k or key.startswith(k + ".") or key.startswith(k + "/") for k in GRID_KEYS + RUN_CONTROL_KEYS)
+    def steers(key: str) -> bool:  # method=... names the row; method.pre_num=0 makes a variant of it
+        return (key in GRID_KEYS or key.startswith(("hydra.", "hydra/"))
+                or any(key == k or key.startswith(k + ".") for k in RUN_CONTROL_KEYS))
     return sorted(o for o in overrides if not steers(override_key(o)))
 
 
@@ -179,9 +182,9 @@ def environment() -> dict:
 
 
 def provenance(root: str | Path | None = None) -> dict:
-    """Git commit, dirty flag (tracked files only), and ``fingerprint``: a hash of the content of the tracked
-    files under reslora/, experiments/ and conf/ as they are on disk, so a record says which code ran even
-    when the tree was dirty (then ``diff``: a hash of ``git diff HEAD`` over those paths)."""
+    """Git commit, dirty flag (uncommitted changes to the tracked code, ``CODE_PATHS``), and ``fingerprint``: a
+    hash of the content of those tracked files as they are on disk, so a record says which code ran even when
+    the tree was dirty (then ``diff``: a hash of ``git diff HEAD`` over them)."""
     root = Path(root or Path(__file__).resolve().parents[1])
 
     def git(*args) -> str | None:
@@ -194,13 +197,13 @@ def provenance(root: str | Path | None = None) -> dict:
     commit = git("rev-parse", "HEAD")
     if commit is None:
         return {"commit": None, "dirty": None, "fingerprint": None}
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no").strip())
-    files = sorted((git("ls-files", "-z", "--", *FINGERPRINT_PATHS) or "").split("\0"))
+    dirty = bool((git("status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS) or "").strip())
+    files = sorted((git("ls-files", "-z", "--", *CODE_PATHS) or "").split("\0"))
     digest = hashlib.sha256()
     for name in filter(None, files):
         path = root / name
         digest.update(name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b"<deleted>") + b"\0")
     out = {"commit": commit.strip(), "dirty": dirty, "fingerprint": digest.hexdigest()[:16]}
     if dirty:
-        out["diff"] = hashlib.sha256((git("diff", "HEAD") or "").encode()).hexdigest()[:16]
+        out["diff"] = hashlib.sha256((git("diff", "HEAD", "--", *CODE_PATHS) or "").encode()).hexdigest()[:16]
     return out

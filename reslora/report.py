@@ -16,6 +16,7 @@ import pandas as pd  # noqa: E402
 
 from .io import atomic_path  # noqa: E402
 from .records import load_records  # noqa: E402
+from .stats import PairedDifference, paired_difference  # noqa: E402
 
 ROW_LABELS = {"lora": "LoRA (r=4)", "lora_r16": "LoRA (r=16)", "peft_lora": "PEFT LoRA (r=4)", "adalora": "AdaLoRA",
               "loha": "LoHa", "lokr": "LoKr", "reslora_is": "ResLoRA_is", "reslora_bs": "ResLoRA_bs",
@@ -129,6 +130,46 @@ def paired_comparison(frame: pd.DataFrame, tasks: list[str], baseline: str = "lo
             won = diff < 0 if lower_is_better else diff > 0
             cells.append(f"{diff.mean():+.2f} ({int(won.sum())}/{len(diff)} won)")
         lines.append(f"| {label(method)} − {label(baseline)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_difference(d: PairedDifference, scale: float = 100.0) -> str:
+    """'+2.13 [-0.40, +4.71] (2/3)': mean difference in points, its 95% interval, seeds won."""
+    return f"{scale * d.mean:+.2f} [{scale * d.low:+.2f}, {scale * d.high:+.2f}] ({d.won}/{d.seeds})"
+
+
+def interval_comparison(records: list[dict], tasks: list[str], pairs: list[tuple[str, str]],
+                        modes: tuple[str | None, str | None] = (None, None)) -> str:
+    """Markdown: per task, each (row, baseline) pair's paired difference of the test metric in points with its
+    95% bootstrap interval over test items and seeds (reslora.stats), and the seeds the row won. ``modes``: the
+    eval modes compared (default: each record's headline mode). Records without per-item predictions show the
+    mean difference and the seeds won only, marked †."""
+    by_cell: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        by_cell.setdefault((r["method"], r["task"]), []).append(r)
+    lines = ["| row − baseline | " + " | ".join(task_column(t) for t in tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    unpaired = False
+    for method, baseline in pairs:
+        cells = []
+        for task in tasks:
+            row, base = by_cell.get((method, task)), by_cell.get((baseline, task))
+            if not row or not base:
+                cells.append("—")
+                continue
+            d = paired_difference(row, base, row[0]["headline_metric"], row_mode=modes[0], baseline_mode=modes[1])
+            if d is None:
+                unpaired = True
+                value = {r["seed"]: r for r in base}
+                diffs = [100 * (r["final"][modes[0] or r["headline_mode"]]["test"][r["headline_metric"]]
+                                - value[r["seed"]]["final"][modes[1] or value[r["seed"]]["headline_mode"]]["test"][
+                                    r["headline_metric"]]) for r in row if r["seed"] in value]
+                cells.append(f"{np.mean(diffs):+.2f} † ({sum(x > 0 for x in diffs)}/{len(diffs)})" if diffs else "—")
+            else:
+                cells.append(format_difference(d))
+        lines.append(f"| {label(method)} − {label(baseline)} | " + " | ".join(cells) + " |")
+    if unpaired:
+        lines += ["", "† records without per-item predictions (made before they were stored): mean difference and "
+                  "seeds won only, no interval."]
     return "\n".join(lines)
 
 

@@ -282,7 +282,11 @@ def train_and_evaluate(cfg, run_dir: Path, record: dict, logger: RunLogger) -> N
     progress = {"step": 0, "epoch": 0, "position": 0, "train_loss": [], "eval": [], "grad_norms": [], "best": None}
     pending_rng = None
     if checkpoint.is_file():
-        saved = torch.load(checkpoint, weights_only=False)
+        try:
+            saved = torch.load(checkpoint, weights_only=False)
+        except Exception as error:  # a truncated or foreign file: say which, and how to go on
+            raise ValueError(f"{checkpoint} cannot be read as a checkpoint ({type(error).__name__}: {error}); "
+                             "delete it to start this run afresh") from error
         differ = differing_keys(identity(saved["config"]), identity(record["config"]))
         if differ:
             raise ValueError(f"{checkpoint} belongs to a run with another config ({'; '.join(differ[:10])}); delete "
