@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 SCALE ?= cpu
 export DATA_MIRROR
 
-.PHONY: help setup train test test-slow check-records reproduce-table1 reproduce-table2 reproduce-table3 reproduce-table4 table1 table2 table3 table4 t2i-base reproduce-fig3 fig3 bench nlg-cost clean-runs
+.PHONY: help setup train test test-slow check-records reproduce-lr-sweep lr-sweep reproduce-table1 reproduce-table2 reproduce-table3 reproduce-table4 table1 table2 table3 table4 t2i-base reproduce-fig3 fig3 bench nlg-cost clean-runs
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_% -]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-50s %s\n", $$1, $$2}'
@@ -50,6 +50,13 @@ reproduce-table1: setup ## the paper's Table 1 (NLG: GSM8K, SVAMP, MathQA) at SC
 	$(PY) experiments/train.py -m experiment=table1 scale=$(SCALE)_nlg hydra/launcher=joblib_cpu \
 		method=lora_alpha16,lora_alpha32 $(TABLE1_CONTROL)
 	$(MAKE) table1 SCALE=$(SCALE)
+
+reproduce-lr-sweep: setup ## LoRA and ResLoRA at 5 learning rates on SST-2 and STS-B (the centre rate from Table 2: run reproduce-table2 first); reruns only missing cells
+	$(PY) experiments/train.py -m experiment=lr_sweep scale=$(SCALE) hydra/launcher=joblib_cpu
+	$(MAKE) lr-sweep SCALE=$(SCALE)
+
+lr-sweep: setup ## rebuild results/lr_sweep.md and figures/lr_sweep.png from the run records
+	$(PY) experiments/tables.py lr_sweep --scale $(SCALE)
 
 t2i-base: setup ## pretrain the small text-to-image base on Fashion-MNIST once (cached in .cache/t2i; needs Debian's dataset-fashion-mnist)
 	$(PY) experiments/t2i_base.py

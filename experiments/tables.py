@@ -17,10 +17,10 @@ import numpy as np
 from reslora.io import atomic_path
 from reslora.records import load_failures, load_records
 from reslora.report import (CONTROL_ROWS, MODE_LABELS, RESLORA_ROWS, final_loss_frame, headline_frame, label,
-                            interval_comparison, mode_frame, mode_gaps, mode_table, ordered,
+                            interval_comparison, lr_frame, mode_frame, mode_gaps, mode_table, ordered,
                             paired_comparison, plot_block_norm_heatmaps,
-                            plot_curves, plot_fig3_curves, plot_grad_flow, plot_sample_grid, record_label,
-                            summary_table, table4_records, update_size_frame)
+                            plot_curves, plot_fig3_curves, plot_grad_flow, plot_lr_sweep, LR_SWEEP_ROWS, LR_SWEEP_TASKS, lr_sweep_records, selected_rates, plot_sample_grid, record_label,
+                            summary_table, table4_records, task_column, update_size_frame)
 
 TABLE2_TASKS = {"paper": ["cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte", "stsb", "wnli"],
                 "default": ["cola", "sst2", "mrpc", "rte", "stsb"]}
@@ -30,7 +30,7 @@ TABLE2_ROWS = ["lora", "lora_r16", "adalora", "loha", "lokr", "reslora_is", "res
 TABLE2_MATCHED = [("reslora_is", "lora_alpha32"), ("reslora_bs", "lora_alpha32"), ("reslora_ms", "lora_alpha64")]
 
 
-def settings_line(records: list[dict], test: str = "GLUE dev") -> str:
+def settings_line(records: list[dict], test: str = "GLUE dev", lr: bool = True) -> str:
     """The scale's shared settings, read from a record (identical across rows by construction)."""
     c = next(r for r in records if r["config"]["method"]["kind"] != "none")["config"]
     d, t = c["data"], c["train"]
@@ -38,7 +38,7 @@ def settings_line(records: list[dict], test: str = "GLUE dev") -> str:
             f"{d['val_samples']} (carved from train, used for model selection), test = {test} "
             f"(at most {d['max_test_samples']} examples); max length {d['max_length']}; "
             f"{t['max_steps'] or str(t['epochs']) + ' epochs'} steps of batch {t['batch_size']}×{t['grad_accum']}; "
-            f"lr {t['lr']}, warmup {t['warmup_ratio']}, weight decay {t['weight_decay']}; "
+            + (f"lr {t['lr']}, " if lr else "") + f"warmup {t['warmup_ratio']}, weight decay {t['weight_decay']}; "
             f"targets {c['model']['target_modules']}"
             + (f"; head trained ({c['model']['modules_to_save']})" if c["model"]["modules_to_save"] else ""))
 
@@ -128,7 +128,7 @@ def failed_lines(records: list[dict], results: Path) -> list[str]:
     dirty = [f"- {r['task']}/{r.get('cell', r['method'])}/seed{r['seed']} (commit {str(r['git'].get('commit'))[:7]})"
              for r in records if r.get("dirty")]
     return ((["", "## Failed runs (their cells show the last ok record, or are missing)", "", *failed] if failed else [])
-            + (["", f"## Records made from uncommitted code ({len(dirty)}, built with --allow-dirty: not evidence)",
+            + (["", f"## Records made from uncommitted code ({len(dirty)}: smoke scale or --allow-dirty; not evidence)",
                 "", *dirty] if dirty else []))
 
 
@@ -334,6 +334,81 @@ def table4(results: Path, scale: str) -> Path:
     return out
 
 
+def lr_sweep(results: Path, scale: str) -> Path:
+    """The learning-rate sweep: its own variant cells plus Table 2's cells of the same rows and tasks (the
+    centre rate). Each method's rate is selected on validation (mean over seeds of the best validation metric);
+    its test metric there is compared with LoRA's at LoRA's selected rate, paired by seed and test item."""
+    own, borrowed = lr_sweep_records(results, scale, allow_dirty=ALLOW_DIRTY or None)
+    if not own:
+        raise SystemExit(f"no records under {results}/records/{scale}/lr_sweep: run `make reproduce-lr-sweep "
+                         f"SCALE={scale}`")
+    records = own + borrowed
+    frame = lr_frame(records, LAST_STEPS)
+    tasks = [t for t in LR_SWEEP_TASKS if t in set(frame["task"])]
+    rates = sorted(set(frame["lr"]))
+    means = frame.groupby(["task", "method", "lr"])[["validation", "test", "train_loss"]].agg(["mean", "std", "count"])
+    selected = selected_rates(frame)
+    at_selected = [r for r in records if selected.get((r["task"], r["method"])) == r["config"]["train"]["lr"]]
+
+    def grid(kind: str, bold: str) -> list[str]:
+        lines = []
+        for task in tasks:
+            lines += [f"**{task_column(task)}**", "", "| method | " + " | ".join(f"lr {lr:g}" for lr in rates) + " |",
+                      "|---" * (len(rates) + 1) + "|"]
+            for method in LR_SWEEP_ROWS:
+                cells = []
+                for lr in rates:
+                    if (task, method, lr) not in means.index:
+                        cells.append("missing")
+                        continue
+                    m = means.loc[(task, method, lr)][kind]
+                    text = f"{m['mean']:.2f} ± {0 if np.isnan(m['std']) else m['std']:.2f} (n={int(m['count'])})"
+                    cells.append(f"**{text}**" if bold == "selected" and selected.get((task, method)) == lr else text)
+                lines.append(f"| {label(method)} | " + " | ".join(cells) + " |")
+            lines.append("")
+        return lines
+
+    text = [
+        f"# Learning-rate sweep, scale `{scale}`",
+        "",
+        f"Built by `make lr-sweep SCALE={scale}` from {len(records)} run records: {len(own)} of "
+        f"`results/records/{scale}/lr_sweep/` and {len(borrowed)} of Table 2 (`table2/`: the centre rate, same "
+        f"configuration); {runs_took(own)} (the sweep's own runs).",
+        f"Settings, identical for every cell but the rate: {settings_line(records, lr=False)}.",
+        "Each method's rate is selected on validation (the mean over seeds of its best validation metric, the "
+        "checkpoint selection of every run); never on test. Cells: mean ± std over seeds (n = seeds); the "
+        "selected rate in bold.",
+        "",
+        "## Validation metric (%) by learning rate",
+        "",
+        *grid("validation", "selected"),
+        "## Test metric (%) by learning rate",
+        "",
+        *grid("test", "selected"),
+        "## Selected rates, and each ResLoRA row at its rate against LoRA at LoRA's",
+        "",
+        "| method | " + " | ".join(task_column(t) for t in tasks) + " |",
+        "|---" * (len(tasks) + 1) + "|",
+        *(f"| {label(m)} | " + " | ".join(f"{selected[(t, m)]:g}" if (t, m) in selected else "—" for t in tasks)
+          + " |" for m in LR_SWEEP_ROWS),
+        "",
+        INTERVAL_NOTE,
+        "",
+        interval_comparison(at_selected, tasks, [(m, "lora") for m in LR_SWEEP_ROWS[1:]]),
+        "",
+        f"## Final train loss (mean of the last {LAST_STEPS} steps) by learning rate",
+        "",
+        *grid("train_loss", "none"),
+        "Figure: `figures/lr_sweep.png` (validation, test and final train loss against the rate; mean over seeds, "
+        "band = min–max).",
+    ]
+    out = results / output_name("lr_sweep", scale, ".md")
+    write_markdown(out, text + failed_lines(own, results))
+    plot_lr_sweep(frame, results / "figures" / output_name("lr_sweep", scale, ".png"), LR_SWEEP_ROWS, tasks,
+                  f"Learning-rate sweep ({scale}): LoRA (r=4) and ResLoRA")
+    return out
+
+
 FIG3_ROWS = ["lora", "reslora_is", "reslora_bs_pre5"]
 
 
@@ -429,7 +504,7 @@ def fig3(results: Path, scale: str, threshold: float) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("table", choices=["table1", "table2", "table3", "table4", "fig3"])
+    parser.add_argument("table", choices=["table1", "table2", "table3", "table4", "fig3", "lr_sweep"])
     parser.add_argument("--scale", default="cpu", choices=["smoke", "cpu", "paper"])
     parser.add_argument("--results", type=Path, default=Path("results"))
     parser.add_argument("--threshold", type=float, default=0.5, help="fig3: the target-style score to reach")
@@ -441,7 +516,8 @@ def main() -> None:
     if args.table == "fig3":
         fig3(args.results, args.scale, args.threshold)
         return
-    {"table1": table1, "table2": table2, "table3": table3, "table4": table4}[args.table](args.results, args.scale)
+    {"table1": table1, "table2": table2, "table3": table3, "table4": table4,
+     "lr_sweep": lr_sweep}[args.table](args.results, args.scale)
 
 
 if __name__ == "__main__":

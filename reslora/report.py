@@ -223,6 +223,65 @@ def plot_curves(records: list[dict], kind: str, path: Path, methods: list[str], 
     _save(fig, path)
 
 
+LR_SWEEP_TASKS = ["sst2", "stsb"]
+LR_SWEEP_ROWS = ["lora", "reslora_is", "reslora_bs", "reslora_ms"]
+
+
+def lr_sweep_records(results: Path, scale: str, allow_dirty: bool | None = None) -> tuple[list[dict], list[dict]]:
+    """The learning-rate sweep's own records (variant cells) and Table 2's records of its rows and tasks (the
+    centre rate, same configuration)."""
+    own = load_records(results, scale, "lr_sweep", allow_dirty, variants=True)
+    borrowed = [r for r in load_records(results, scale, "table2", allow_dirty)
+                if r["task"] in LR_SWEEP_TASKS and r["method"] in LR_SWEEP_ROWS]
+    return own, borrowed
+
+
+def selected_rates(frame: pd.DataFrame) -> dict[tuple[str, str], float]:
+    """{(task, method): the learning rate with the highest mean over seeds of the best validation metric}:
+    selection on validation, never on test."""
+    means = frame.groupby(["task", "method", "lr"])["validation"].mean()
+    return {(task, method): group.droplevel(["task", "method"]).idxmax()
+            for (task, method), group in means.groupby(level=["task", "method"])}
+
+
+def lr_frame(records: list[dict], last: int = 5) -> pd.DataFrame:
+    """One row per run: task, method, seed, lr, best validation metric and test metric (in %), and the mean
+    train loss over the ``last`` steps."""
+    rows = [{"task": r["task"], "method": r["method"], "seed": r["seed"], "lr": r["config"]["train"]["lr"],
+             "validation": 100 * r["best"]["validation"][r["headline_metric"]], "test": 100 * r["headline"],
+             "train_loss": float(np.mean([loss for _, loss in r["train_loss"][-last:]]))} for r in records]
+    return pd.DataFrame(rows, columns=["task", "method", "seed", "lr", "validation", "test", "train_loss"])
+
+
+def plot_lr_sweep(frame: pd.DataFrame, path: Path, methods: list[str], tasks: list[str], title: str) -> None:
+    """Columns = tasks; rows = validation metric, test metric, final train loss against the learning rate (log
+    axis); one line per method: mean over seeds, band = min-max."""
+    kinds = [("validation", "validation metric (%)"), ("test", "test metric (%)"), ("train_loss", "final train loss")]
+    fig, axes = plt.subplots(len(kinds), len(tasks), figsize=(4.2 * len(tasks), 2.8 * len(kinds)), squeeze=False)
+    colors = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(methods)}
+    for column, task in enumerate(tasks):
+        for row, (kind, name) in enumerate(kinds):
+            ax = axes[row][column]
+            for method in methods:
+                runs = frame[(frame["task"] == task) & (frame["method"] == method)]
+                if runs.empty:
+                    continue
+                by_lr = runs.groupby("lr")[kind].agg(["mean", "min", "max"])
+                ax.plot(by_lr.index, by_lr["mean"], marker="o", color=colors[method], label=label(method))
+                ax.fill_between(by_lr.index, by_lr["min"], by_lr["max"], color=colors[method], alpha=0.15)
+            ax.set_xscale("log")
+            ax.set_ylabel(name)
+            if row == 0:
+                ax.set_title(task_column(task))
+            if row == len(kinds) - 1:
+                ax.set_xlabel("peak learning rate")
+    handles = {h.get_label(): h for ax in axes.flat for h in ax.get_lines()}
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    _save(fig, path)
+
+
 def record_label(record: dict) -> str:
     return label(record["method"], record["config"]["method"].get("r"))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +32,8 @@ def test_table2_from_records(table2_records):
     assert "from 8 run records" in text
     lora_row = next(line for line in text.splitlines() if line.startswith("| LoRA (r=4) |"))
     assert lora_row.count("(n=2)") == 2 and "missing" in lora_row  # mrpc, rte present; cola, sst2, stsb not
-    assert "| ResLoRA_bs − LoRA (r=4) |" in text and "/2 won)" in text
+    bs_row = next(line for line in text.splitlines() if line.startswith("| ResLoRA_bs − LoRA (r=4) |"))
+    assert re.search(r"[-+]\d+\.\d\d \[[-+]\d+\.\d\d, [-+]\d+\.\d\d\] \(\d/2\)", bs_row)  # interval, seeds won
     for name in ("table2_loss_smoke.png", "table2_eval_smoke.png"):
         assert (table2_records / "figures" / name).stat().st_size > 10_000
 
@@ -132,3 +134,37 @@ def test_final_loss_and_update_size_frames_feed_the_tables():
     assert "| ResLoRA_is − LoRA (r=4) | -0.12 (1/2 won) |" in paired
     against = paired_comparison(losses, ["svamp"], pairs=[("lora", "reslora_is"), ("reslora_bs", "lora")])
     assert "| LoRA (r=4) − ResLoRA_is | +0.12 (1/2 won) |" in against and "| ResLoRA_bs − LoRA (r=4) | — |" in against
+
+
+@pytest.fixture(scope="module")
+def lr_sweep_records(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lr_sweep")
+    train(tmp, "-m", "experiment=table2", "task=sst2", "method=lora,reslora_bs", "seed=0,1", "hydra/launcher=joblib_cpu")
+    train(tmp, "-m", "experiment=lr_sweep", "task=sst2", "method=lora,reslora_bs", "seed=0,1", "train.lr=1e-2",
+          "hydra/launcher=joblib_cpu")
+    return tmp / "results"
+
+
+@needs_data
+def test_lr_sweep_table_selects_on_validation_and_compares_at_the_selected_rates(lr_sweep_records):
+    subprocess.run([sys.executable, str(ROOT / "experiments" / "tables.py"), "lr_sweep", "--scale", "smoke",
+                    "--results", str(lr_sweep_records)], check=True, cwd=ROOT)
+    text = (lr_sweep_records / "lr_sweep_smoke.md").read_text()
+    assert "from 8 run records: 4 of" in text and "| method | lr 0.001 | lr 0.01 |" in text
+    records = [json.loads(p.read_text()) for p in (lr_sweep_records / "records").rglob("seed*.json")]
+    for method in ("lora", "reslora_bs"):  # the selected rate is the one with the best mean validation metric
+        runs = [r for r in records if r["method"] == method and r["task"] == "sst2"]
+        by_lr = {}
+        for r in runs:
+            by_lr.setdefault(r["config"]["train"]["lr"], []).append(r["best"]["validation"]["accuracy"])
+        best = max(by_lr, key=lambda lr: sum(by_lr[lr]) / len(by_lr[lr]))
+        selected = next(line for line in text.split("## Selected rates")[1].splitlines()
+                        if line.startswith(f"| {'LoRA (r=4)' if method == 'lora' else 'ResLoRA_bs'} |"))
+        assert f"| {best:g} |" in selected
+    assert re.search(r"\| ResLoRA_bs − LoRA \(r=4\) \| [-+]\d+\.\d\d \[", text)
+    assert (lr_sweep_records / "figures" / "lr_sweep_smoke.png").stat().st_size > 10_000
+
+
+@needs_data
+def test_lr_sweep_notebook_runs_on_the_records(lr_sweep_records, monkeypatch):
+    assert "8 records (4 own, 4 from Table 2)" in execute_notebook("lr_sweep.ipynb", lr_sweep_records, monkeypatch)
