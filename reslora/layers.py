@@ -80,6 +80,7 @@ class ResLoraLinear(nn.Module):
         self.prev: list[ResLoraLinear] = []
         self.chain = None
         self._slot = slot
+        self.merged_in_place = False
 
     @property
     def in_features(self) -> int:
@@ -103,6 +104,8 @@ class ResLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
+        if self.merged_in_place:  # inside ResLoraModel.merged(): base_layer holds W*, the branch is folded in
+            return out
         if self.variant in ("lora", "bs"):
             A, B = self.lora_A, self.lora_B
             if self.variant == "bs" and self.prev:

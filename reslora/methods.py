@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from omegaconf import OmegaConf
 from peft import get_peft_config, get_peft_model
 
@@ -40,13 +42,17 @@ def eval_modes(method_cfg) -> list[str]:
     return ["unmerged"]
 
 
-def model_for_mode(model, mode: str, calibration=None):
-    """The model to evaluate in ``mode``: the training graph itself, or a freshly merged plain model.
-    ``calibration()`` yields training batches, for the least-squares merge."""
+@contextmanager
+def evaluated_as(model, mode: str, calibration=None):
+    """The model to evaluate in ``mode``: the training graph itself (``unmerged``), or the same model merged in
+    place for the block (``ResLoraModel.merged``: no copy of the base model). ``calibration()`` yields training
+    batches, for the least-squares merge."""
     if mode == "unmerged":
-        return model
+        yield model
+        return
     if not isinstance(model, ResLoraModel):
         raise ValueError(f"eval mode {mode!r} applies to ResLoRA models only")
     if mode == "merge_ls":
         model.fit_merge_ls(calibration())
-    return model.merge_and_unload(mode)
+    with model.merged(mode):
+        yield model

@@ -239,6 +239,30 @@ class ResLoraModel(nn.Module):
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
     # ---- merging ------------------------------------------------------------------------------------
+    @contextmanager
+    def merged(self, mode: str = "merge_bi"):
+        """Evaluate merged, in place: inside the block this model computes exactly what
+        ``merge_and_unload(mode)`` computes (the same W*, the same linear layers), using extra memory of the
+        merged target weights only; on exit, also on an exception, every target weight is restored bit for bit
+        (the original tensors are put back). Adapters, gradients and merge statistics are not touched.
+
+            with model.merged("merge_bi"):
+                metrics = evaluate(model)
+        """
+        from .merge import merged_weights
+
+        weights = merged_weights(self, mode)
+        originals = {layer: layer.base_layer.weight.data for layer in weights}
+        try:
+            for layer, weight in weights.items():
+                layer.base_layer.weight.data = weight
+                layer.merged_in_place = True
+            yield self
+        finally:
+            for layer, original in originals.items():
+                layer.base_layer.weight.data = original
+                layer.merged_in_place = False
+
     def merge_and_unload(self, mode: str = "merge_bi") -> nn.Module:
         """A new model of the base model's own classes with every target weight replaced by its merged W*
         (``plain``, ``merge_bi``, ``merge_bw``; see merge.py). This model is left untouched."""

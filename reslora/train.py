@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .io import atomic_path
 from .merge import delta_norms
-from .methods import apply_method, eval_modes, model_for_mode
+from .methods import apply_method, eval_modes, evaluated_as
 from .model import ResLoraModel
 from .records import (RecordError, cell_name, config_hash, differing_keys, environment, failure_path, identity,
                       is_dirty, publish, read_record, record_path, variant_overrides, write_record)
@@ -273,7 +273,8 @@ def train_and_evaluate(cfg, run_dir: Path, record: dict, logger: RunLogger) -> N
             yield {k: v.to(accelerator.device) for k, v in batch.items() if k != "labels"}
 
     def evaluate(mode: str, split: str) -> dict[str, float]:
-        metrics = task.evaluate(model_for_mode(unwrapped, mode, calibration_batches), eval_loaders[split], accelerator)
+        with evaluated_as(unwrapped, mode, calibration_batches) as evaluated:
+            metrics = task.evaluate(evaluated, eval_loaders[split], accelerator)
         model.train()
         return metrics
 

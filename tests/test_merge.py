@@ -390,3 +390,50 @@ def test_exported_peft_adapter_reproduces_the_merged_model(tmp_path, name, varia
         assert not config.get("rank_pattern")
     if extra:
         assert config["modules_to_save"] == ["classifier"]
+
+
+# ---- merged in place (model.merged(mode)) -----------------------------------------------------------------------
+def target_weights(model: ResLoraModel) -> dict[str, torch.Tensor]:
+    return {name: layer.base_layer.weight for name, layer in model.named_reslora_layers().items()}
+
+
+@pytest.mark.parametrize("mode", [*MODES, "merge_ls"])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("name", ["toy", "bert", "llama_all", "unet"])
+def test_merged_in_place_equals_merge_and_unload_and_restores_exactly(name, variant, mode):
+    spec = SPECS[name]
+    model = trained(spec, variant)
+    if mode == "merge_ls":
+        model.fit_merge_ls([spec.inputs(seed=7)])
+    model.eval()
+    inputs = spec.inputs(seed=3)
+    with torch.no_grad():
+        expected = spec.output(model.merge_and_unload(mode), inputs)
+        weights = target_weights(model)
+        saved = {k: w.detach().clone() for k, w in weights.items()}
+        unmerged = spec.output(model, inputs)
+        with model.merged(mode) as merged:
+            assert merged is model
+            inside = spec.output(model, inputs)
+        after = spec.output(model, inputs)
+    assert torch.equal(inside, expected)  # the same numbers, bit for bit
+    assert torch.equal(after, unmerged)
+    for key, weight in target_weights(model).items():
+        assert weight is weights[key] and torch.equal(weight, saved[key])  # the same tensors, unchanged
+
+
+def test_an_exception_inside_merged_restores_the_model_and_training_state_is_untouched():
+    model = trained(BERT, "ms")
+    inputs = BERT.inputs(seed=1)
+    BERT.output(model, inputs).sum().backward()  # gradients from a training step
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    stats = {n: b.clone() for n, b in model.named_buffers()}
+    weights = {k: w.detach().clone() for k, w in target_weights(model).items()}
+    with pytest.raises(KeyError):
+        with model.merged("merge_bi"):
+            BERT.output(model, inputs)  # a forward in training mode: must record no statistics
+            raise KeyError("boom")
+    assert all(torch.equal(w, weights[k]) for k, w in target_weights(model).items())
+    assert not any(layer.merged_in_place for layer in model.named_reslora_layers().values())
+    assert all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters() if n in grads)
+    assert all(torch.equal(b, stats[n]) for n, b in model.named_buffers())
