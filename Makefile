@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 SCALE ?= cpu
 export DATA_MIRROR
 
-.PHONY: help setup train test test-slow check-records reproduce-lr-sweep lr-sweep reproduce-table1 reproduce-table2 reproduce-table3 reproduce-table4 table1 table2 table3 table4 t2i-base reproduce-fig3 fig3 bench nlg-cost clean-runs
+.PHONY: help setup train test test-slow check-records reproduce-lr-sweep lr-sweep merge-memory reproduce-table1 reproduce-table2 reproduce-table3 reproduce-table4 table1 table2 table3 table4 t2i-base reproduce-fig3 fig3 bench nlg-cost clean-runs
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_% -]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-50s %s\n", $$1, $$2}'
@@ -69,6 +69,9 @@ reproduce-fig3: setup ## the paper's Fig. 3 (text-to-image: LoRA vs ResLoRA_is/_
 
 fig3: setup ## rebuild results/fig3.md, figures/fig3_samples.png and fig3_curves.png from the run records
 	$(PY) experiments/tables.py fig3 --scale $(SCALE)
+
+merge-memory: setup ## peak memory of a merged evaluation, copied vs in place (SmolLM2-135M, a 0.9B random LLaMA) -> results/merge_memory.{json,md}
+	$(PY) experiments/merge_memory.py
 
 nlg-cost: setup ## seconds per training step and per generated batch of SmolLM2-135M -> results/nlg_cost.{json,md}
 	$(PY) experiments/nlg_cost.py

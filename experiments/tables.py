@@ -133,8 +133,16 @@ def failed_lines(records: list[dict], results: Path) -> list[str]:
 
 
 def runs_took(records: list[dict]) -> str:
+    """Summed run time, and where it went (records that have the breakdown)."""
+    parts: dict[str, float] = {}
+    for r in records:
+        for part, seconds in r.get("time_s", {}).items():
+            key = "test" if part.startswith("test/") else part
+            parts[key] = parts.get(key, 0.0) + seconds
+    breakdown = (f"; by part ({sum('time_s' in r for r in records)} records): "
+                 + ", ".join(f"{part.replace('_', ' ')} {s / 60:.1f}" for part, s in parts.items())) if parts else ""
     return (f"the runs took {sum(r.get('wall_time_s', 0) for r in records) / 60:.0f} minutes in all (sum of their "
-            "wall times; the sweep runs two at a time)")
+            f"wall times; the sweep runs two at a time{breakdown})")
 
 
 def write_markdown(path: Path, lines: list[str]) -> None:

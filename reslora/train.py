@@ -14,6 +14,7 @@ import resource
 import signal
 import time
 import traceback
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -169,10 +170,13 @@ def run(cfg, overrides=(), choices: dict | None = None) -> dict:
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
         record["wall_time_s"] = time.time() - start
+        times = record.setdefault("time_s", {})
+        times["other"] = record["wall_time_s"] - sum(times.values())  # set-up, wrapping, block norms, logging
         record["peak_memory_mb"] = peak_memory_mb()
         logger.finish()
         if record.get("is_main_process", True):
-            write_record(record, run_dir / "record.json")
+            with timed(record, "writing"):  # measured before it is written: the record's own write is not in it
+                write_record(record, run_dir / "record.json")
             if record["status"] == "ok":
                 publish(record, published)
                 failure.unlink(missing_ok=True)
@@ -191,6 +195,17 @@ def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+@contextmanager
+def timed(record: dict, part: str):
+    """Add the block's wall time to ``record['time_s'][part]``: where a run's time goes."""
+    start = time.time()
+    try:
+        yield
+    finally:
+        times = record.setdefault("time_s", {})
+        times[part] = times.get(part, 0.0) + time.time() - start
 
 
 def split_predictions(final: dict) -> tuple[dict, dict]:
@@ -231,10 +246,12 @@ def train_and_evaluate(cfg, run_dir: Path, record: dict, logger: RunLogger) -> N
     # Data and model. The adapter's initialisation depends on the seed only, not on data loading.
     task = build_task(cfg)
     set_seed(cfg.seed)
-    base = task.load_model(cfg.model)
+    with timed(record, "model_load"):
+        base = task.load_model(cfg.model)
     if hasattr(task, "assets"):  # what the task built its judge and base from (text2image)
         record["assets"] = task.assets()
-    splits = task.datasets()
+    with timed(record, "data"):
+        splits = task.datasets()
     record["data_sizes"] = {name: len(ds) for name, ds in splits.items()}
     record["data_files"] = dict(FILES_READ)  # mirror files read, with their manifest's sha256 and example count
     if getattr(task, "split_note", None):  # where the splits came from, when the mirror decided them
@@ -273,8 +290,14 @@ def train_and_evaluate(cfg, run_dir: Path, record: dict, logger: RunLogger) -> N
             yield {k: v.to(accelerator.device) for k, v in batch.items() if k != "labels"}
 
     def evaluate(mode: str, split: str) -> dict[str, float]:
-        with evaluated_as(unwrapped, mode, calibration_batches) as evaluated:
-            metrics = task.evaluate(evaluated, eval_loaders[split], accelerator)
+        """Metrics of ``split`` in eval ``mode``; its time goes to 'merge' (merged weights, merge_ls fit) and to
+        'validation' or 'test/<mode>'."""
+        part = "validation" if split == "validation" else f"test/{mode}"
+        with ExitStack() as stack:
+            with timed(record, "merge"):
+                evaluated = stack.enter_context(evaluated_as(unwrapped, mode, calibration_batches))
+            with timed(record, part):
+                metrics = task.evaluate(evaluated, eval_loaders[split], accelerator)
         model.train()
         return metrics
 
@@ -354,11 +377,15 @@ def train_and_evaluate(cfg, run_dir: Path, record: dict, logger: RunLogger) -> N
             logger.log({f"validation/{k}": v for k, v in metrics.items()}, step)
             if progress["best"] is None or metrics[task.headline] > progress["best"]["validation"][task.headline]:
                 progress["best"] = {"step": step, "validation": metrics, "state": trainable_state(unwrapped)}
-            save_checkpoint()
+            with timed(record, "checkpoint"):
+                save_checkpoint()
             if step == cfg.debug.kill_at_step:  # tests: a kill right after a checkpoint, as a crash would
                 os.kill(os.getpid(), getattr(signal, f"SIG{cfg.debug.kill_signal}"))
     bar.close()
     record["train_loop_s"] = time.time() - loop_start  # this process's share, after any resume
+    times = record["time_s"]
+    times["train_steps"] = record["train_loop_s"] - times.get("validation", 0.0) - times.get("checkpoint", 0.0) \
+        - times.get("merge", 0.0)
 
     # Final evaluation: the model selected on validation, on the test split(s), in every eval mode.
     best = progress["best"]

@@ -16,6 +16,13 @@ from reslora.report import final_loss_frame, paired_comparison, summary_table, u
 from test_platform import ROOT, needs_data, train
 
 
+def build_table(table: str, results: Path) -> str:
+    """Run experiments/tables.py on the smoke records under ``results``; return the markdown it wrote."""
+    subprocess.run([sys.executable, str(ROOT / "experiments" / "tables.py"), table, "--scale", "smoke",
+                    "--results", str(results)], check=True, cwd=ROOT)
+    return (results / f"{table}_smoke.md").read_text()
+
+
 @pytest.fixture(scope="module")
 def table2_records(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("table2")
@@ -26,9 +33,7 @@ def table2_records(tmp_path_factory):
 
 @needs_data
 def test_table2_from_records(table2_records):
-    subprocess.run([sys.executable, str(ROOT / "experiments" / "tables.py"), "table2", "--scale", "smoke",
-                    "--results", str(table2_records)], check=True, cwd=ROOT)
-    text = (table2_records / "table2_smoke.md").read_text()
+    text = build_table("table2", table2_records)
     assert "from 8 run records" in text
     lora_row = next(line for line in text.splitlines() if line.startswith("| LoRA (r=4) |"))
     assert lora_row.count("(n=2)") == 2 and "missing" in lora_row  # mrpc, rte present; cola, sst2, stsb not
@@ -68,14 +73,10 @@ def ablation_records(tmp_path_factory):
 
 @needs_data
 def test_ablation_tables_and_figures_from_records(ablation_records):
-    for table in ("table3", "table4"):
-        subprocess.run([sys.executable, str(ROOT / "experiments" / "tables.py"), table, "--scale", "smoke",
-                        "--results", str(ablation_records)], check=True, cwd=ROOT)
-    table3 = (ablation_records / "table3_smoke.md").read_text()
+    table3, table4 = build_table("table3", ablation_records), build_table("table4", ablation_records)
     for mode in ("before merge", "w/o merge", "merge_bi", "merge_bw", "merge_ls (ours)"):
         assert f"| ResLoRA_is | {mode} |" in table3
     assert "- ResLoRA_is: vs before merge" in table3
-    table4 = (ablation_records / "table4_smoke.md").read_text()
     for k in ("0 (= LoRA)", "1", "2", "all"):
         assert f"| ResLoRA_bs pre_num={k} |" in table4
     assert "from 5 run records" in table4
@@ -100,9 +101,7 @@ def test_table1_with_zero_shot_reference_from_records(tmp_path):
     trained = json.loads((results / "records/smoke/table1/svamp/lora/seed0.json").read_text())
     assert trained["config"]["method"]["lora_alpha"] == 8 and trained["total_steps"] == 2  # the NLG alpha
     assert "700/300" in trained["split_note"]
-    subprocess.run([sys.executable, str(ROOT / "experiments" / "tables.py"), "table1", "--scale", "smoke",
-                    "--results", str(results)], check=True, cwd=ROOT)
-    text = (results / "table1_smoke.md").read_text()
+    text = build_table("table1", results)
     for row in ("Zero-shot (base model)", "LoRA (r=4)"):
         assert f"| {row} |" in text
     assert "SVAMP (Acc)" in text and "svamp: 1,000 items split 700/300" in text
@@ -147,9 +146,7 @@ def lr_sweep_records(tmp_path_factory):
 
 @needs_data
 def test_lr_sweep_table_selects_on_validation_and_compares_at_the_selected_rates(lr_sweep_records):
-    subprocess.run([sys.executable, str(ROOT / "experiments" / "tables.py"), "lr_sweep", "--scale", "smoke",
-                    "--results", str(lr_sweep_records)], check=True, cwd=ROOT)
-    text = (lr_sweep_records / "lr_sweep_smoke.md").read_text()
+    text = build_table("lr_sweep", lr_sweep_records)
     assert "from 8 run records: 4 of" in text and "| method | lr 0.001 | lr 0.01 |" in text
     records = [json.loads(p.read_text()) for p in (lr_sweep_records / "records").rglob("seed*.json")]
     for method in ("lora", "reslora_bs"):  # the selected rate is the one with the best mean validation metric
