@@ -42,8 +42,18 @@ def target_name(module_name: str) -> str:
     return ".".join(parts[i:])
 
 
+def role_name(module_name: str) -> str:
+    """The role a chain is grouped by (method.md, "Chain"): the target name together with the name of its parent
+    module, numeric indices dropped (``...layer.3.attention.self.query`` -> ``self.query``; in a diffusers UNet
+    ``...attn1.to_k`` (self-attention) and ``...attn2.to_k`` (cross-attention) are different roles)."""
+    parts = module_name.split(".")
+    target = target_name(module_name)
+    parents = [p for p in parts[: len(parts) - len(target.split("."))] if not p.isdigit()]
+    return ".".join(parents[-1:] + [target])
+
+
 class Chain:
-    """The target layers of one target name and one (in, out) shape, in registration order.
+    """The target layers of one role and one (in, out) shape, in the order the blocks run.
 
     ``wire`` gives each layer its previous blocks (nearest first): none for ``lora``, one for ``is``,
     ``pre_num`` (or all, for -1) for ``bs`` and ``ms``; near the start of a chain only those that exist."""
@@ -156,7 +166,7 @@ class ResLoraModel(nn.Module):
 
         groups: dict[str, list[tuple[str, ResLoraLinear]]] = {}
         for name, layer in sorted(self.named_reslora_layers().items(), key=run_order):
-            groups.setdefault(target_name(name), []).append((name, layer))
+            groups.setdefault(role_name(name), []).append((name, layer))
         chains: list[Chain] = []
         for members in groups.values():
             start = 0

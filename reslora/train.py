@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from .io import atomic_path
 from .merge import delta_norms
 from .methods import apply_method, eval_modes, evaluated_as
-from .model import ResLoraModel
+from .model import ResLoraModel, role_name
 from .records import (RecordError, cell_name, config_hash, differing_keys, environment, failure_path, identity,
                       is_dirty, publish, read_record, record_path, variant_overrides, write_record)
 from .tasks import build_task
@@ -393,6 +393,9 @@ def train_and_evaluate(cfg, run_dir: Path, record: dict, logger: RunLogger) -> N
     record.update(train_loss=progress["train_loss"], eval=progress["eval"], grad_norms=progress["grad_norms"],
                   best={"step": best["step"], "validation": best["validation"]})
     if isinstance(unwrapped, ResLoraModel):
+        record["chain_lengths"] = {}  # per role, after any split at the first forward
+        for chain in unwrapped.chains:
+            record["chain_lengths"].setdefault(role_name(chain.names[0]), []).append(len(chain.layers))
         record["block_norms"] = delta_norms(unwrapped, "plain" if modes[0] == "unmerged" else modes[0])
     record["final"], record["predictions"] = split_predictions(
         {mode: {split: evaluate(mode, split) for split in eval_loaders if split != "validation"}

@@ -197,6 +197,15 @@ def n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def role(name: str) -> str:
+    """A target's role, written out independently of the library: its name (with a trailing index, to_out.0)
+    and its parent module's name, numeric indices dropped."""
+    parts = [p for p in name.split(".")]
+    target = parts[-2:] if parts[-1].isdigit() else parts[-1:]
+    parents = [p for p in parts[: len(parts) - len(target)] if not p.isdigit()]
+    return ".".join(parents[-1:] + target)
+
+
 def expected_chains(named_weights: list[tuple[str, tuple]], group) -> list[list[str]]:
     """Chains computed independently of the library: group names by ``group(name)`` in order, split where
     the weight shape changes."""

@@ -12,17 +12,12 @@ import pytest
 import torch
 
 from _models import (BERT, SPECS, TOY, VARIANTS, ToySpec, chains_of, expected_chains, n_params, randomize,
-                     train_forwards)
+                     role, train_forwards)
 from reslora import MERGE_MODES, ResLoraLinear, ResLoraModel, merged_weights
 from reslora.layers import ForwardSlot, ForwardState
 from reslora.model import Chain
 
 MODES = ("plain", "merge_bi", "merge_bw")  # the paper's modes; merge_ls needs a fit (test_merge_ls.py)
-
-
-def group_name(name: str) -> str:
-    parts = name.split(".")
-    return ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
 
 
 def trained(spec, variant, pre_num=2, seed=0, **kw):
@@ -109,7 +104,7 @@ def test_merged_weights_follow_the_formulas(name, variant, pre_num, mode):
     spec = ToySpec((6, 6, 6, 4, 4, 4, 4)) if name == "toy_widths" else SPECS[name]
     model = trained(spec, variant, pre_num)
     layers = model.named_reslora_layers()
-    chains = expected_chains([(n, tuple(l.weight.shape)) for n, l in layers.items()], group_name)
+    chains = expected_chains([(n, tuple(l.weight.shape)) for n, l in layers.items()], role)
     assert chains_of(model) == sorted(chains)
     if variant in ("is", "ms"):
         for layer in layers.values():
