@@ -37,6 +37,9 @@ from .tasks.mirror import FILES_READ
 from .wandb_logger import RunLogger
 
 
+CALIBRATION_SEED = 0  # the random inputs (text-to-image noise) of the merge_ls calibration batches
+
+
 def get_lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     """Linear warmup to the peak, then linear decay to zero (as in LoRA and the authors' scripts)."""
     if step < warmup_steps:
@@ -282,12 +285,15 @@ def train_and_evaluate(cfg, run_dir: Path, record: dict, logger: RunLogger) -> N
     unwrapped = accelerator.unwrap_model(model)
 
     def calibration_batches():
-        """The first training examples, in order, for the least-squares merge: training data only."""
+        """The first training examples, in order, as model inputs, for the least-squares merge: training data
+        only; a fixed seed for tasks whose inputs are random (the merge is the same at every evaluation)."""
         loader = DataLoader(splits["train"], batch_size=t.batch_size, collate_fn=collate)
+        generator = torch.Generator().manual_seed(CALIBRATION_SEED)
         for i, batch in enumerate(loader):
             if i == t.calibration_batches:
                 return
-            yield {k: v.to(accelerator.device) for k, v in batch.items() if k != "labels"}
+            batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            yield task.model_inputs(batch, generator)
 
     def evaluate(mode: str, split: str) -> dict[str, float]:
         """Metrics of ``split`` in eval ``mode``; its time goes to 'merge' (merged weights, merge_ls fit) and to

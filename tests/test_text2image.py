@@ -59,7 +59,7 @@ def test_fig3_pipeline_at_smoke_scale(tmp_path):
     for method in ("lora", "reslora_is", "reslora_bs_pre5"):
         record = json.loads((results / f"records/smoke/fig3/text2image/{method}/seed0.json").read_text())
         assert record["status"] == "ok", record.get("error")
-        assert record["headline_mode"] == "merge_bi" and set(record["final"]) == {"merge_bi", "unmerged"}
+        assert record["headline_mode"] == "merge_bi" and set(record["final"]) == {"merge_bi", "unmerged", "merge_ls"}
         assert 0 <= record["headline"] <= 1 and record["assets"]["base"]["args"]["steps"] == 2
     subprocess.run([sys.executable, str(ROOT / "experiments" / "tables.py"), "fig3", "--scale", "smoke",
                     "--results", str(results)], check=True, cwd=ROOT)

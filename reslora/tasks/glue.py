@@ -204,8 +204,11 @@ class GlueTask:
     def collate(self):
         return DataCollatorWithPadding(self.tokenizer)
 
+    def model_inputs(self, batch: dict, generator=None) -> dict:
+        return {k: v for k, v in batch.items() if k not in ("labels", "idx")}
+
     def loss(self, model, batch) -> torch.Tensor:
-        return model(**batch).loss
+        return model(**self.model_inputs(batch), labels=batch["labels"]).loss
 
     @torch.no_grad()
     def evaluate(self, model, loader, accelerator) -> dict:
@@ -214,7 +217,7 @@ class GlueTask:
         model.eval()
         ids, predictions, labels = [], [], []
         for batch in loader:
-            logits = model(**{k: v for k, v in batch.items() if k not in ("labels", "idx")}).logits
+            logits = model(**self.model_inputs(batch)).logits
             pred = logits.squeeze(-1) if self.spec.num_labels == 1 else logits.argmax(-1)
             pred, label, idx = accelerator.gather_for_metrics((pred, batch["labels"], batch["idx"]))
             predictions.append(pred.float().cpu())

@@ -271,8 +271,11 @@ class ReasoningTask:
 
         return collate
 
+    def model_inputs(self, batch: dict, generator=None) -> dict:
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
     def loss(self, model, batch):
-        return model(**batch).loss
+        return model(**self.model_inputs(batch), labels=batch["labels"]).loss
 
     def evaluate(self, model, loader, accelerator) -> dict[str, float]:
         import torch

@@ -183,12 +183,18 @@ def encode_captions(captions: list[str], encoder_path: str, subfolders: tuple[st
     return torch.cat(states)
 
 
-def diffusion_loss(model, scheduler, pixels: torch.Tensor, states: torch.Tensor, generator=None) -> torch.Tensor:
-    """Noise-prediction MSE at uniformly drawn timesteps."""
+def noised_inputs(scheduler, pixels: torch.Tensor, states: torch.Tensor, generator=None) -> tuple[dict, torch.Tensor]:
+    """The UNet's inputs for denoising ``pixels`` at uniformly drawn timesteps, and the noise to predict."""
     noise = torch.randn(pixels.shape, generator=generator).to(pixels.device)
     steps = torch.randint(0, scheduler.config.num_train_timesteps, (len(pixels),), generator=generator)
     noisy = scheduler.add_noise(pixels, noise, steps.to(pixels.device))
-    return F.mse_loss(model(noisy, steps.to(pixels.device), encoder_hidden_states=states).sample, noise)
+    return {"sample": noisy, "timestep": steps.to(pixels.device), "encoder_hidden_states": states}, noise
+
+
+def diffusion_loss(model, scheduler, pixels: torch.Tensor, states: torch.Tensor, generator=None) -> torch.Tensor:
+    """Noise-prediction MSE at uniformly drawn timesteps."""
+    inputs, noise = noised_inputs(scheduler, pixels, states, generator)
+    return F.mse_loss(model(**inputs).sample, noise)
 
 
 @torch.no_grad()
@@ -371,6 +377,10 @@ class Text2ImageTask:
         return self.states[index].to(labels.device)
 
     # ---- loss and evaluation ----------------------------------------------------------------------------
+    def model_inputs(self, batch: dict, generator=None) -> dict:
+        """Noised images at random timesteps with their captions (no caption dropout): a denoising forward."""
+        return noised_inputs(self.scheduler, batch["pixel_values"], self.conditioning(batch["labels"]), generator)[0]
+
     def loss(self, model, batch) -> torch.Tensor:
         states = self.conditioning(batch["labels"], self.cfg.caption_dropout)
         return diffusion_loss(model, self.scheduler, batch["pixel_values"], states)
