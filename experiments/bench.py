@@ -30,10 +30,8 @@ import copy
 import gc
 import json
 import os
-import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -48,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from reslora import ResLoraConfig, ResLoraLinear, get_reslora_model  # noqa: E402
 from reslora.io import atomic_path  # noqa: E402
+from reslora.records import environment  # noqa: E402
 
 REFERENCE_PEFT = "peft_lora"
 REFERENCE_OURS = "lora"
@@ -408,25 +407,11 @@ def check_targets(results: dict) -> list[dict]:
 
 # ---- report ------------------------------------------------------------------------------------------------
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip()
-    except OSError:
-        commit = ""
-    import peft
-    import transformers
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__, "git_commit": commit,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    """Processor, cores, versions and commit of this measurement (from the run records' ``environment``)."""
+    env = environment()
+    return {"cpu": env["cpu"], "cores": env["cpus"], "python": env["python"], "torch": env["versions"]["torch"],
+            "transformers": env["versions"]["transformers"], "peft": env["versions"]["peft"],
+            "git_commit": (env["git"]["commit"] or "")[:7], "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
 def fmt_ratio(stats: dict) -> str:

@@ -12,7 +12,6 @@ whole model; in place adds the merged target weights (W* of every adapted layer)
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

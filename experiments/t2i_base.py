@@ -19,10 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from reslora.io import atomic_path, write_json
-from reslora.tasks.glue import resolve_model_path
+from reslora.hub_models import resolve_model_path
 from reslora.tasks.text2image import (base_captions, base_unet_dir, diffusion_loss, encode_captions,
                                       fashion_mnist, noise_scheduler, small_unet, to_pixels)
 
@@ -51,7 +50,7 @@ def main() -> None:
 
     images, labels = fashion_mnist(args.images)
     pixels, labels = to_pixels(images), torch.from_numpy(labels.astype(np.int64))
-    states = encode_captions(base_captions(), resolve_model_path(OmegaConf.create({"path": TEXT_ENCODER})))
+    states = encode_captions(base_captions(), resolve_model_path(TEXT_ENCODER))
     empty = len(states) - 1
     torch.manual_seed(args.seed)
     model, scheduler = small_unet(states.shape[-1]), noise_scheduler()

@@ -436,7 +436,7 @@ def fig3(results: Path, scale: str, threshold: float) -> Path:
         return 100 * metrics["style_score"] if scored else metrics["denoise_loss"]
 
     what = "target-style score (%)" if scored else "denoising loss"
-    header = (f"| method | " + " | ".join(f"step {s}" for s in steps)
+    header = ("| method | " + " | ".join(f"step {s}" for s in steps)
               + (f" | steps to ≥ {100 * threshold:.0f}%" if scored else "")
               + " | steps to LoRA's final validation loss | merged, test | before merge, test "
                 "| test denoising loss, merged | before merge |")

