@@ -40,6 +40,9 @@ DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "e
 RESOLUTION = 32          # 28x28 images padded to a size the UNet halves twice
 EVAL_NOISE_SEED = 1234   # fixed noise and timesteps of the validation denoising loss
 SAMPLE_NOISE_SEED = 4321  # fixed initial noise of the samples: identical in every cell of Fig. 3
+# The test split draws its own noise (denoising loss and samples), disjoint from validation's: a model selected
+# on the validation samples is scored on other samples.
+TEST_SEED_OFFSET = 1000
 
 
 def base_captions() -> list[str]:
@@ -110,8 +113,8 @@ def resize_crop(image, size: int) -> torch.Tensor:
 
 
 class ImageCaptions(torch.utils.data.Dataset):
-    def __init__(self, pixels: torch.Tensor, labels: torch.Tensor):
-        self.pixels, self.labels = pixels, labels
+    def __init__(self, pixels: torch.Tensor, labels: torch.Tensor, split: str = "train"):
+        self.pixels, self.labels, self.split = pixels, labels, split
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -338,10 +341,12 @@ class Text2ImageTask:
         n_val, n_test = self.data_cfg.val_samples, self.data_cfg.max_test_samples
         parts = {"validation": order[:n_val], "test": order[n_val:n_val + n_test],
                  "train": order[n_val + n_test:][:self.data_cfg.max_train_samples]}
-        # samples for the same prompts at every evaluation: the ten digits, or the first validation captions
-        prompts = np.arange(len(DIGIT_WORDS)) if self.cfg.target == "digits" else labels[parts["validation"]][:10]
-        self.prompts = torch.from_numpy(np.asarray(prompts)).repeat(self.cfg.samples_per_prompt)
-        return {name: ImageCaptions(pixels[index], torch.from_numpy(np.asarray(labels)[index]))
+        # samples for the same prompts at every evaluation of a split: the ten digits (validation and test then
+        # differ by their noise), or the first ten captions of the split itself (disjoint prompts)
+        self.prompts = {name: torch.from_numpy(np.asarray(
+            np.arange(len(DIGIT_WORDS)) if self.cfg.target == "digits" else np.asarray(labels)[parts[name]][:10]
+        )).repeat(self.cfg.samples_per_prompt) for name in ("validation", "test")}
+        return {name: ImageCaptions(pixels[index], torch.from_numpy(np.asarray(labels)[index]), name)
                 for name, index in parts.items()}
 
     @torch.no_grad()
@@ -387,8 +392,13 @@ class Text2ImageTask:
 
     @torch.no_grad()
     def evaluate(self, model, loader, accelerator) -> dict:
+        """Denoising loss on the split, and samples for the split's own prompts from the split's own fixed noise
+        (validation and test never share noise: the test score is not the validation score again)."""
         model.eval()
-        generator = torch.Generator().manual_seed(EVAL_NOISE_SEED)
+        split = getattr(loader.dataset, "split", "validation")
+        offset = TEST_SEED_OFFSET if split.startswith("test") else 0
+        prompts = self.prompts["test" if offset else "validation"]
+        generator = torch.Generator().manual_seed(EVAL_NOISE_SEED + offset)
         losses = []
         for batch in loader:
             loss = diffusion_loss(model, self.scheduler, batch["pixel_values"], self.conditioning(batch["labels"]),
@@ -396,15 +406,15 @@ class Text2ImageTask:
             losses.append(accelerator.gather_for_metrics(loss.reshape(1)))
         denoise_loss = float(torch.cat(losses).mean())
         device = next(model.parameters()).device
-        images = sample(model, self.scheduler, self.states[self.prompts].to(device), self.states[-1:].to(device),
-                        self.cfg.sample_steps, self.cfg.guidance_scale, self.sample_shape)
+        images = sample(model, self.scheduler, self.states[prompts].to(device), self.states[-1:].to(device),
+                        self.cfg.sample_steps, self.cfg.guidance_scale, self.sample_shape, seed=SAMPLE_NOISE_SEED + offset)
         if self.vae is not None:
             images = self.vae.to(device).decode(images / self.vae.config.scaling_factor).sample
         images = images.clamp(-1, 1)
         metrics = {"denoise_loss": denoise_loss, "neg_denoise_loss": -denoise_loss}
         if self.classifier is not None:
-            recognised = self.classifier.to(device)(images).argmax(-1).cpu() == self.prompts
+            recognised = self.classifier.to(device)(images).argmax(-1).cpu() == prompts
             metrics["style_score"] = float(recognised.float().mean())
-        n_prompts = len(self.prompts) // self.cfg.samples_per_prompt
+        n_prompts = len(prompts) // self.cfg.samples_per_prompt
         metrics["samples_png"] = png_grid(images[:n_prompts], columns=n_prompts)
         return metrics
