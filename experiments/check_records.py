@@ -19,25 +19,9 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from reslora.records import RecordError, differing_keys, identity, is_dirty, read_record
+from reslora.records import KNOWN_STALE, RecordError, differing_keys, identity, is_dirty, known_stale, read_record
 
 ROOT = Path(__file__).resolve().parents[1]
-KNOWN_STALE = "known_stale.txt"
-
-
-def known_stale(records_dir: Path) -> dict[str, str]:
-    """{record path relative to results/records: reason} from known_stale.txt (``path  # reason`` lines)."""
-    listing = records_dir / KNOWN_STALE
-    if not listing.is_file():
-        return {}
-    known = {}
-    for line in listing.read_text().splitlines():
-        path, _, reason = line.partition("#")
-        if path.strip():
-            known[path.strip()] = reason.strip()
-    return known
-
-
 @functools.lru_cache(maxsize=None)
 def _composed(overrides: tuple[str, ...]) -> dict:
     return identity(OmegaConf.to_container(compose("config", overrides=list(overrides)), resolve=True))
@@ -65,7 +49,7 @@ def composed_identity(record: dict) -> dict:
 
 def check(results: Path, verbose: bool = False) -> int:
     records_dir = results / "records"
-    known = known_stale(records_dir)
+    known = known_stale(results)
     files = sorted(p for p in records_dir.glob("*/*/*/*/seed*.json") if p.parts[-5] != "smoke")
     problems: dict[str, str] = {}
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

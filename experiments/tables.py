@@ -128,7 +128,8 @@ def failed_lines(records: list[dict], results: Path) -> list[str]:
     dirty = [f"- {r['task']}/{r.get('cell', r['method'])}/seed{r['seed']} (commit {str(r['git'].get('commit'))[:7]})"
              for r in records if r.get("dirty")]
     return ((["", "## Failed runs (their cells show the last ok record, or are missing)", "", *failed] if failed else [])
-            + (["", f"## Records made from uncommitted code ({len(dirty)}: smoke scale or --allow-dirty; not evidence)",
+            + (["", f"## Records made from uncommitted code ({len(dirty)}; not evidence: listed in "
+                "`results/records/known_stale.txt` to be rerun, or let through by --allow-dirty or the smoke scale)",
                 "", *dirty] if dirty else []))
 
 

@@ -127,6 +127,8 @@ def test_records_from_a_dirty_tree_are_refused_unless_allowed(tmp_path):
         load_records(tmp_path, "cpu", "table2")
     allowed = load_records(tmp_path, "cpu", "table2", allow_dirty=True)
     assert allowed[0]["dirty"] is True
+    (tmp_path / "records" / "known_stale.txt").write_text("cpu/table2/mrpc/lora/seed0.json  # rerun pending\n")
+    assert load_records(tmp_path, "cpu", "table2")[0]["dirty"] is True  # listed as waiting for a rerun: let through
     fake_record(tmp_path / "records/smoke/table2/mrpc/lora/seed0.json", dirty=True)
     assert load_records(tmp_path, "smoke", "table2")  # smoke records are never evidence: let through
     fake_record(tmp_path / "records/cpu/t/mrpc/lora/seed0.json", status="failed")
