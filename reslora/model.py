@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import json
 import logging
 import re
@@ -210,14 +211,19 @@ class ResLoraModel(nn.Module):
 
         return nullcontext(), recompute()
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs):
-        """Activation checkpointing of a transformers model, with the residual paths kept intact."""
-        options = dict(gradient_checkpointing_kwargs or {})
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs):
+        """Activation checkpointing of a transformers model, with the residual paths kept intact (what
+        ``transformers.Trainer`` calls for ``TrainingArguments(gradient_checkpointing=True)``)."""
+        options = dict(activation_checkpointing_kwargs or {})
         if options.get("use_reentrant", False):
             raise ValueError("use_reentrant=True is not supported: reentrant checkpointing drops the gradient of "
                              "the residual inputs that a block reads from earlier blocks; use use_reentrant=False")
         options.update(use_reentrant=False, context_fn=self.checkpoint_context_fn)
         self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=options, **kwargs)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs):
+        """The older name of ``activation_checkpointing_enable``."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
     @torch.no_grad()
     def calibrate(self, batches) -> None:
@@ -311,6 +317,11 @@ class ResLoraModel(nn.Module):
             state.update({f"{name}.{b}": t for b, t in layer.named_buffers()})
         return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
+    def save_pretrained(self, directory: str | Path, **kwargs) -> None:
+        """Save the adapter (not the base model): the name transformers and PEFT users call. ``kwargs`` that
+        ``PreTrainedModel.save_pretrained`` takes are accepted and ignored."""
+        self.save_adapter(directory)
+
     def save_adapter(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -323,7 +334,7 @@ class ResLoraModel(nn.Module):
     def from_pretrained(cls, base_model: nn.Module, directory: str | Path) -> "ResLoraModel":
         """Wrap ``base_model`` with the adapter saved in ``directory``. All or nothing: when the adapter cannot be
         loaded, the base model is left exactly as it was."""
-        model = cls(base_model, ResLoraConfig.load(directory))
+        model = wrapper_class(type(base_model))(base_model, ResLoraConfig.load(directory))
         try:
             model.load_adapter(directory)
         except BaseException:
@@ -369,4 +380,18 @@ class ResLoraModel(nn.Module):
 
 def get_reslora_model(base_model: nn.Module, config: ResLoraConfig) -> ResLoraModel:
     """Wrap ``base_model`` (modified in place, as PEFT does) with ResLoRA adapters described by ``config``."""
-    return ResLoraModel(base_model, config)
+    return wrapper_class(type(base_model))(base_model, config)
+
+
+@functools.lru_cache(maxsize=None)
+def wrapper_class(base_class: type) -> type:
+    """``ResLoraModel`` whose ``forward`` carries the signature of ``base_class.forward``: tools that read the
+    signature see the base model's arguments (``transformers.Trainer`` keeps the dataset columns the model takes
+    and finds its label names, as for the base model itself)."""
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    forward.__signature__ = inspect.signature(base_class.forward)
+    forward.__doc__ = base_class.forward.__doc__
+    return type(f"ResLora{base_class.__name__}", (ResLoraModel,), {"forward": forward, "__module__": __name__,
+                                                                   "__qualname__": f"ResLora{base_class.__name__}"})

@@ -1,0 +1,64 @@
+"""A ResLoRA model inside transformers.Trainer under default TrainingArguments: dataset columns kept, labels
+found, eval_loss reported, activation checkpointing with the residual paths; save_pretrained writes the adapter."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import Trainer, TrainingArguments
+
+from _models import BERT
+from reslora import ResLoraModel, get_reslora_model
+
+
+def dataset(n: int = 16) -> Dataset:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 40, (n, 7), generator=g)
+    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * 7] * n,
+                              "labels": torch.randint(0, 3, (n,), generator=g).tolist()})
+
+
+def trainer(model, tmp_path, **kwargs) -> Trainer:
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=4,
+                             report_to=[], use_cpu=True, **kwargs)
+    return Trainer(model=model, args=args, train_dataset=dataset(), eval_dataset=dataset(8))
+
+
+def test_the_wrapper_shows_the_base_models_forward_signature():
+    model = get_reslora_model(BERT.build(), BERT.config("bs"))
+    assert isinstance(model, ResLoraModel)
+    assert inspect.signature(model.forward) == inspect.signature(model.base_model.forward)
+    assert "labels" in inspect.signature(type(model).forward).parameters
+
+
+@pytest.mark.parametrize("variant", ["is", "bs", "ms"])
+def test_trainer_trains_and_evaluates_with_default_arguments(tmp_path, variant):
+    model = get_reslora_model(BERT.build(), BERT.config(variant, modules_to_save=["classifier"]))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    run = trainer(model, tmp_path)
+    run.train()
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before and "lora_B" in n)
+    metrics = run.evaluate()
+    assert "eval_loss" in metrics and metrics["eval_loss"] > 0
+
+
+def test_trainer_gradient_checkpointing_keeps_the_residual_paths(tmp_path):
+    model = get_reslora_model(BERT.build(), BERT.config("is"))
+    trainer(model, tmp_path, gradient_checkpointing=True).train()  # raised "outside a forward" before
+    assert model.base_model.is_gradient_checkpointing
+
+
+def test_save_pretrained_writes_the_adapter_and_from_pretrained_reloads_it(tmp_path):
+    model = get_reslora_model(BERT.build(), BERT.config("ms"))
+    trainer(model, tmp_path).train()
+    model.save_pretrained(tmp_path / "adapter")
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_model.safetensors", "chains.json",
+                                                                       "reslora_config.json"]
+    loaded = ResLoraModel.from_pretrained(BERT.build(), tmp_path / "adapter")
+    inputs = BERT.inputs(seed=4)
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(BERT.output(model, inputs), BERT.output(loaded, inputs))
