@@ -62,3 +62,16 @@ def test_save_pretrained_writes_the_adapter_and_from_pretrained_reloads_it(tmp_p
     model.eval(), loaded.eval()
     with torch.no_grad():
         assert torch.equal(BERT.output(model, inputs), BERT.output(loaded, inputs))
+
+
+def test_resume_from_a_trainer_checkpoint_ends_where_an_uninterrupted_run_ends(tmp_path):
+    straight = get_reslora_model(BERT.build(), BERT.config("ms"))
+    trainer(straight, tmp_path / "a", save_steps=2).train()
+    resumed = get_reslora_model(BERT.build(), BERT.config("ms"))
+    trainer(resumed, tmp_path / "a", save_steps=2).train(resume_from_checkpoint=str(tmp_path / "a/out/checkpoint-2"))
+    inputs = BERT.inputs(seed=1)
+    straight.eval(), resumed.eval()
+    with torch.no_grad():
+        assert torch.equal(BERT.output(straight, inputs), BERT.output(resumed, inputs))
+    stats = [n for n, _ in straight.named_buffers() if n.endswith("input_norms")]
+    assert stats and all(torch.equal(straight.get_buffer(n), resumed.get_buffer(n)) for n in stats)
