@@ -17,8 +17,10 @@ import traceback
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+import datasets
 import numpy as np
 import torch
+import transformers
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from filelock import FileLock, Timeout
@@ -34,7 +36,7 @@ from .records import (RecordError, cell_name, config_hash, differing_keys, envir
                       is_dirty, publish, read_record, record_path, variant_overrides, write_record)
 from .tasks import build_task
 from .tasks.mirror import FILES_READ
-from .wandb_logger import RunLogger
+from .wandb_logger import RunLogger, run_id
 
 
 CALIBRATION_SEED = 0  # the random inputs (text-to-image noise) of the merge_ls calibration batches
@@ -158,7 +160,9 @@ def run(cfg, overrides=(), choices: dict | None = None) -> dict:
             return {"status": "refused", "error": message}
         raise RuntimeError(message) from None
     logger = RunLogger(cfg.logger, name=f"{cfg.task.name}-{cell}-seed{cfg.seed}",
-                       group=f"{cfg.scale.name}/{cfg.tag}", config=config, run_dir=run_dir)
+                       group=f"{cfg.scale.name}/{cfg.tag}", config=config, run_dir=run_dir,
+                       tags=[cfg.task.name, cfg.method.name, cfg.method.get("variant", cfg.method.kind),
+                             cfg.scale.name, cfg.tag])
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     start = time.time()
     try:
@@ -176,7 +180,6 @@ def run(cfg, overrides=(), choices: dict | None = None) -> dict:
         times = record.setdefault("time_s", {})
         times["other"] = record["wall_time_s"] - sum(times.values())  # set-up, wrapping, block norms, logging
         record["peak_memory_mb"] = peak_memory_mb()
-        logger.finish()
         if record.get("is_main_process", True):
             with timed(record, "writing"):  # measured before it is written: the record's own write is not in it
                 write_record(record, run_dir / "record.json")
@@ -185,9 +188,21 @@ def run(cfg, overrides=(), choices: dict | None = None) -> dict:
                 failure.unlink(missing_ok=True)
             else:
                 write_record(record, failure)
+            logger.artifact(run_dir / "record.json", f"record-{run_id(run_dir)}")
+            print(summary_line(record, published if record["status"] == "ok" else failure))
+        logger.finish()
         if lock.is_locked:
             lock.release()
     return record
+
+
+def summary_line(record: dict, path: Path) -> str:
+    """What a run ends with on the console, whatever the logger: its headline and where its record is."""
+    cell = f"{record['task']}/{record['cell']}/seed{record['seed']}"
+    if record["status"] != "ok":
+        return f"[reslora] {cell} {record['status']}: {record.get('error', '')}; record {path}"
+    return (f"[reslora] {cell} ok: test {record['headline_metric']} {record['headline']:.4f} "
+            f"({record['headline_mode']}), {record['wall_time_s']:.0f} s; record {path}")
 
 
 def _raise_on_sigterm(signum, frame):
@@ -239,6 +254,9 @@ def evaluate_base(cfg, task, model, splits, accelerator, record: dict, logger: R
 def train_and_evaluate(cfg, run_dir: Path, record: dict, logger: RunLogger) -> None:
     t = cfg.train
     torch.set_num_threads(cfg.threads)
+    # The console shows the run's own progress: no per-dataset Map bars, no load report of the expected new head.
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
     # cpu=True without CUDA: processes started by `accelerate launch --multi_gpu` then join over gloo.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=t.grad_accum,
                               mixed_precision=t.mixed_precision,
@@ -353,6 +371,8 @@ def train_and_evaluate(cfg, run_dir: Path, record: dict, logger: RunLogger) -> N
             step_ahead = progress["step"] + 1
             if accelerator.sync_gradients and t.grad_norm_every and step_ahead % t.grad_norm_every == 0:
                 progress["grad_norms"].append({"step": step_ahead, "layers": adapter_grad_norms(unwrapped)})
+                logger.log({f"grad_norm/{which}/{layer}": norms[i] for layer, norms in progress["grad_norms"][-1][
+                    "layers"].items() for i, which in enumerate(("A", "B"))}, step_ahead)
             if accelerator.sync_gradients and t.max_grad_norm:
                 accelerator.clip_grad_norm_(params, t.max_grad_norm)
             optimizer.step()
@@ -403,10 +423,12 @@ def train_and_evaluate(cfg, run_dir: Path, record: dict, logger: RunLogger) -> N
         for chain in unwrapped.chains:
             record["chain_lengths"].setdefault(role_name(chain.names[0]), []).append(len(chain.layers))
         record["block_norms"] = delta_norms(unwrapped, "plain" if modes[0] == "unmerged" else modes[0])
+        logger.summary({f"block_norm/{name}": norms["merged"] for name, norms in record["block_norms"].items()})
     record["final"], record["predictions"] = split_predictions(
         {mode: {split: evaluate(mode, split) for split in eval_loaders if split != "validation"}
          for mode in (modes if t.test_modes == "all" else modes[:1])})
     record["headline"] = record["final"][modes[0]]["test"][task.headline]
     logger.log({f"test/{mode}/{k}": v for mode, m in record["final"].items() for k, v in m["test"].items()},
                total_steps)
-    logger.summary({"headline": record["headline"]})
+    logger.summary({"headline": record["headline"], "best/step": best["step"],
+                    **{f"best/validation/{k}": v for k, v in best["validation"].items() if isinstance(v, (int, float))}})

@@ -46,7 +46,8 @@ def test_a_failed_launch_leaves_the_published_record_byte_identical(tmp_path):
 
 @needs_data
 def test_a_sweep_over_any_key_keeps_one_record_per_configuration(tmp_path):
-    train(tmp_path, "-m", "task=mrpc", "method=lora", "train.lr=1e-3,2e-3")
+    result = train(tmp_path, "-m", "task=mrpc", "method=lora", "train.lr=1e-3,2e-3")
+    assert result.stdout.count("[reslora] mrpc/lora__train.lr=") == 2  # each run ends with its summary line
     cells = sorted(p.parent.name for p in (tmp_path / "results/records/smoke/default/mrpc").glob("*/seed0.json"))
     assert len(cells) == 2 and all(c.startswith("lora__train.lr=") for c in cells)
     records = [json.loads(p.read_text()) for p in (tmp_path / "results/records/smoke/default/mrpc").glob("*/seed0.json")]
@@ -242,3 +243,20 @@ def test_a_damaged_adapter_config_is_named(tmp_path):
     (tmp_path / "reslora_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="reslora_config.json is not valid JSON"):
         ResLoraModel.from_pretrained(BERT.build(), tmp_path)
+
+
+def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from reslora.wandb_logger import RunLogger, run_id
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = OmegaConf.create({"mode": "offline", "project": "reslora-test", "entity": None})
+    ids = []
+    for _ in range(2):  # a launch, then the same run resumed
+        logger = RunLogger(cfg, name="n", group="g", config={}, run_dir=tmp_path / "run", tags=["mrpc", "lora"])
+        ids.append(logger.run.id)
+        logger.log({"train/loss": 1.0}, 1)
+        logger.finish()
+    assert ids == [run_id(tmp_path / "run")] * 2
+    assert list((tmp_path / "run" / "wandb").glob(f"offline-run-*-{ids[0]}"))
