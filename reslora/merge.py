@@ -35,7 +35,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from peft import LoraConfig
 from safetensors.torch import save_file
 
 from .io import atomic_path
@@ -185,7 +184,10 @@ def delta_norms(model, mode: str) -> dict[str, dict[str, float]]:
 @torch.no_grad()
 def export_peft_adapter(model, directory: str | Path, mode: str) -> None:
     """Write the merged model as a PEFT LoRA adapter: per block the factors (B*, A*) of
-    ``low_rank_factors`` at the adapter's own scaling s, so ``bs`` blocks have rank (k+1) r."""
+    ``low_rank_factors`` at the adapter's own scaling s, so ``bs`` blocks have rank (k+1) r. Needs peft (imported
+    here only: the library itself does not)."""
+    from peft import LoraConfig
+
     _check_mode(mode)
     config = model.reslora_config
     tensors, rank_pattern, alpha_pattern = {}, {}, {}

@@ -1,0 +1,90 @@
+"""ResLoraConfig: everything that defines a ResLoRA adapter (see ../shared/docs/method.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+VARIANTS = ("lora", "is", "bs", "ms")
+CONFIG_NAME = "reslora_config.json"
+
+
+@dataclass
+class ResLoraConfig:
+    """Hyper-parameters of a ResLoRA adapter.
+
+    variant: ``lora`` (no residual), ``is`` (input-shortcut), ``bs`` (block-shortcut) or ``ms``
+        (middle-shortcut).
+    r, lora_alpha, lora_dropout: as in LoRA; the LoRA branch is scaled by ``lora_alpha / r``.
+    target_modules: names matched as a whole dotted suffix of a module name (``"query"`` matches
+        ``...attention.self.query``, as in PEFT), or one string taken as a regex matched against the whole
+        module name.
+    pre_num: how many previous blocks ``bs`` and ``ms`` use; -1 means all of them. ``is`` uses one.
+    window: how many recent per-step input norms each block keeps for the merge statistics.
+    modules_to_save: modules (matched like ``target_modules``) kept fully trainable and saved with the
+        adapter, e.g. a freshly initialised classification head.
+    layer_order: module-name prefixes in the order their blocks run, when that differs from the order in
+        which they are registered (chains follow it): diffusers' UNet registers ``up_blocks`` before
+        ``mid_block``, so it needs ``["down_blocks", "mid_block", "up_blocks"]``. Empty: registration order.
+    """
+
+    variant: str = "lora"
+    r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str = field(default_factory=lambda: ["query", "value"])
+    pre_num: int = 1
+    window: int = 100
+    modules_to_save: list[str] = field(default_factory=list)
+    layer_order: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant={self.variant!r} is not supported; choose one of {list(VARIANTS)}")
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"r={self.r!r} must be a positive integer")
+        if not isinstance(self.lora_alpha, (int, float)) or not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha={self.lora_alpha!r} must be a number > 0 (the LoRA branch is scaled by "
+                             "lora_alpha / r: 0 or less never learns or flips the update)")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1)")
+        if not isinstance(self.pre_num, int) or self.pre_num < -1:
+            raise ValueError(f"pre_num={self.pre_num!r} must be -1 (all previous blocks) or an integer >= 0")
+        if not isinstance(self.window, int) or self.window <= 0:
+            raise ValueError(f"window={self.window!r} must be a positive integer")
+        if isinstance(self.target_modules, (list, tuple)):
+            self.target_modules = list(self.target_modules)
+            if not self.target_modules:
+                raise ValueError("target_modules=[] matches nothing; give module names or a regex")
+        elif not isinstance(self.target_modules, str):
+            raise ValueError(f"target_modules={self.target_modules!r} must be a list of names or a regex string")
+        self.modules_to_save = list(self.modules_to_save or [])
+        self.layer_order = list(self.layer_order or [])
+        if not all(isinstance(p, str) and p for p in self.layer_order):
+            raise ValueError(f"layer_order={self.layer_order!r} must be a list of module-name prefixes")
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.r
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, directory: str | Path) -> None:
+        Path(directory, CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "ResLoraConfig":
+        path = Path(directory, CONFIG_NAME)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist: {directory} is not a saved ResLoRA adapter")
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON ({error}): the adapter's config is damaged") from error
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} does not describe a ResLoRA adapter (not a JSON object)")
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})

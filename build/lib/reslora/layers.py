@@ -1,0 +1,188 @@
+"""The ResLoRA linear layer: one module that computes lora / is / bs / ms (method.md, Eq. 1-4).
+
+A layer knows its own math and reads what it needs of its chain from two places the model wires in:
+``prev`` (its previous blocks, nearest first) and the per-forward state (``ForwardState``), which holds
+what the earlier blocks of the chain computed in the current forward pass and nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ForwardState:
+    """What the blocks of one model saw in one forward pass: ``is`` keeps its input x_n, ``ms`` its
+    ``A_n d(x_n)``. Created when the model's forward starts and dropped when it ends, so nothing survives
+    between forwards or leaks between models. ``record`` says whether this pass adds to the merge
+    statistics (training forwards and calibration, not evaluation or checkpoint recomputation)."""
+
+    record: bool
+    saved: dict = field(default_factory=dict)
+
+
+class ForwardSlot:
+    """The one place a model's layers find the state of the forward pass in progress.
+
+    ``begin``/``end`` are the forward pre-hook and (always-called) forward hook of the model's root
+    module: the outermost call opens a fresh state and drops it when it ends, even on an exception."""
+
+    def __init__(self):
+        self.current: ForwardState | None = None
+        self.depth = 0
+        self.calibrating = False
+
+    def begin(self, module: nn.Module, args) -> None:
+        if self.depth == 0:
+            self.current = ForwardState(record=module.training or self.calibrating)
+        self.depth += 1
+
+    def end(self, module: nn.Module, args, output) -> None:
+        self.depth -= 1
+        if self.depth == 0:
+            self.current = None
+
+
+class ResLoraLinear(nn.Module):
+    """Takes the place of a target ``nn.Linear``: ``h_n = W_n x_n + s * (ResLoRA branch)``.
+
+    The frozen ``base_layer`` is the original linear module; ``lora_A`` (r x in, Kaiming-uniform as in LoRA)
+    and ``lora_B`` (out x r, zeros) are the trainable tensors, so with B at its init the layer equals the
+    base layer. The residual terms are never detached: the shorter backward path through them is the
+    point of the method (paper Sec. 3.4).
+    """
+
+    def __init__(self, base_layer: nn.Linear, variant: str, r: int, lora_alpha: float, lora_dropout: float,
+                 window: int, slot: ForwardSlot):
+        super().__init__()
+        self.base_layer = base_layer
+        self.variant = variant
+        self.r = r
+        self.scaling = lora_alpha / r
+        weight = base_layer.weight
+        self.lora_A = nn.Parameter(torch.empty(r, base_layer.in_features, dtype=weight.dtype, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, r, dtype=weight.dtype, device=weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.window = window
+        if variant in ("is", "ms"):
+            # Sliding windows of ||x_n||_F and, for ms, ||A_n d(x_n)||_F: kept on the device and written
+            # without a host sync; read only when merging (method.md, "Input statistics").
+            stats = dict(dtype=torch.float32, device=weight.device)
+            self.register_buffer("input_norms", torch.zeros(window, **stats))
+            self.register_buffer("ax_norms", torch.zeros(window, **stats))
+            self.register_buffer("stat_count", torch.zeros((), dtype=torch.long, device=weight.device))
+        self.prev: list[ResLoraLinear] = []
+        self.chain = None
+        self._slot = slot
+        self.merged_in_place = False
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def delta_weight(self) -> torch.Tensor:
+        """s * B A: this block's own LoRA update, as a dense (out x in) matrix."""
+        return self.scaling * (self.lora_B @ self.lora_A)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.merged_in_place:  # inside ResLoraModel.merged(): base_layer holds W*, the branch is folded in
+            return out
+        if self.variant in ("lora", "bs"):
+            A, B = self.lora_A, self.lora_B
+            if self.variant == "bs" and self.prev:
+                # Sum_k B_{n-k} A_{n-k} as one rank-(m+1)r product: one matmul pair, not m+1.
+                A = torch.cat([A, *(p.lora_A for p in self.prev)], dim=0)
+                B = torch.cat([B, *(p.lora_B for p in self.prev)], dim=1)
+            return self._add_scaled(out, F.linear(F.linear(self.lora_dropout(x), A), B))
+
+        state = self._forward_state()
+        if self.variant == "is":
+            state.saved[self] = x
+            x_prev = self._saved_of_previous(state, x)
+            if x_prev is None:  # first block of a chain: x_{n-1} := x_n
+                x_prev = x
+            branch = F.linear(self.lora_dropout(x + x_prev), self.lora_A)
+            self._record(state, x)
+        else:  # ms
+            ax = F.linear(self.lora_dropout(x), self.lora_A)
+            state.saved[self] = ax
+            branch = ax
+            if self._saved_of_previous(state, ax) is not None:
+                for p in self.prev:
+                    branch = branch + state.saved[p]
+            self._record(state, x, ax)
+        return self._add_scaled(out, F.linear(branch, self.lora_B))
+
+    def _add_scaled(self, out: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        # out + s * branch as one kernel (add with alpha): a separate multiply would be one more pass over a
+        # full (tokens x out) activation in every target layer, the largest cost of the LoRA branch after
+        # its two matmuls.
+        return torch.add(out, branch, alpha=self.scaling)
+
+    def _forward_state(self) -> ForwardState:
+        state = self._slot.current
+        if state is None:
+            raise RuntimeError(
+                f"ResLoRA '{self.variant}' layer called outside a forward of its ResLoraModel: the residual "
+                "path needs the model's per-forward state. Call the wrapped model (or its base model) rather "
+                "than the layer; with activation checkpointing, enable it through "
+                "ResLoraModel.gradient_checkpointing_enable or pass context_fn=model.checkpoint_context_fn.")
+        return state
+
+    def _saved_of_previous(self, state: ForwardState, mine: torch.Tensor) -> torch.Tensor | None:
+        """The previous block's saved tensor in this forward, or None when this block starts a chain.
+
+        Decision (method.md is silent): where the previous block's activation has another shape than this
+        one's (a diffusion UNet changes resolution at equal width), the chain is split here for good."""
+        if not self.prev:
+            return None
+        prev = self.prev[0]
+        if prev not in state.saved:
+            raise RuntimeError(
+                f"ResLoRA block {self.chain.name_of(self)} needs the output of its previous block "
+                f"{self.chain.name_of(prev)}, which did not run earlier in this forward; chains follow the "
+                "order in which modules are registered, which must be the order in which they run.")
+        theirs = state.saved[prev]
+        if theirs.shape != mine.shape:
+            self.chain.split_before(self, reason=f"activation shape {tuple(theirs.shape)} -> {tuple(mine.shape)}")
+            return None
+        return theirs
+
+    def _record(self, state: ForwardState, x: torch.Tensor, ax: torch.Tensor | None = None) -> None:
+        if not state.record:
+            return
+        slot = (self.stat_count % self.window).view(1)
+        self.input_norms.index_copy_(0, slot, x.detach().float().norm().view(1))
+        if ax is not None:
+            self.ax_norms.index_copy_(0, slot, ax.detach().float().norm().view(1))
+        self.stat_count += 1
+
+    def mean_norms(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(f_n, g_n): means of the recorded windows, or None before anything was recorded."""
+        count = int(self.stat_count)
+        if count == 0:
+            return None
+        filled = min(count, self.window)
+        return self.input_norms[:filled].mean(), self.ax_norms[:filled].mean()
+
+    def extra_repr(self) -> str:
+        return f"variant={self.variant}, r={self.r}, scaling={self.scaling:g}, previous_blocks={len(self.prev)}"

@@ -1,0 +1,397 @@
+"""Wrap any model with ResLoRA: find the target linears, build the cross-layer chains, scope the
+per-forward state, save and load adapters, merge into a plain model (see merge.py)."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import json
+import logging
+import re
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import ResLoraConfig
+from .io import atomic_path, write_json
+from .layers import ForwardSlot, ForwardState, ResLoraLinear
+
+log = logging.getLogger("reslora")
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CHAINS_NAME = "chains.json"
+
+
+def matches(name: str, patterns: list[str] | str) -> bool:
+    """PEFT's rule: a list entry matches a whole dotted suffix of the name; a string is a full regex."""
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def target_name(module_name: str) -> str:
+    """The name a chain is grouped by: the last non-numeric component and what follows it
+    (``...layer.3.attention.self.query`` -> ``query``, ``...attn1.to_out.0`` -> ``to_out.0``)."""
+    parts = module_name.split(".")
+    i = len(parts) - 1
+    while i > 0 and parts[i].isdigit():
+        i -= 1
+    return ".".join(parts[i:])
+
+
+def role_name(module_name: str) -> str:
+    """The role a chain is grouped by (method.md, "Chain"): the target name together with the name of its parent
+    module, numeric indices dropped (``...layer.3.attention.self.query`` -> ``self.query``; in a diffusers UNet
+    ``...attn1.to_k`` (self-attention) and ``...attn2.to_k`` (cross-attention) are different roles)."""
+    parts = module_name.split(".")
+    target = target_name(module_name)
+    parents = [p for p in parts[: len(parts) - len(target.split("."))] if not p.isdigit()]
+    return ".".join(parents[-1:] + [target])
+
+
+class Chain:
+    """The target layers of one role and one (in, out) shape, in the order the blocks run.
+
+    ``wire`` gives each layer its previous blocks (nearest first): none for ``lora``, one for ``is``,
+    ``pre_num`` (or all, for -1) for ``bs`` and ``ms``; near the start of a chain only those that exist."""
+
+    def __init__(self, names: list[str], layers: list[ResLoraLinear], depth: int, chains: list["Chain"]):
+        self.names, self.layers, self.depth, self._chains = names, layers, depth, chains
+        chains.append(self)
+        self.wire()
+
+    def wire(self) -> None:
+        for i, layer in enumerate(self.layers):
+            k = i if self.depth < 0 else min(self.depth, i)
+            layer.chain = self
+            layer.prev = self.layers[i - k:i][::-1]
+
+    def position(self, layer: ResLoraLinear) -> int:
+        return next(i for i, other in enumerate(self.layers) if other is layer)
+
+    def name_of(self, layer: ResLoraLinear) -> str:
+        return self.names[self.position(layer)]
+
+    def split_before(self, layer: ResLoraLinear, reason: str) -> None:
+        i = self.position(layer)
+        log.info("ResLoRA chain split before %s (%s)", self.names[i], reason)
+        tail_names, tail_layers = self.names[i:], self.layers[i:]
+        self.names, self.layers = self.names[:i], self.layers[:i]
+        self.wire()
+        Chain(tail_names, tail_layers, self.depth, self._chains)
+
+
+def _chain_depth(config: ResLoraConfig) -> int:
+    return {"lora": 0, "is": 1}.get(config.variant, config.pre_num)
+
+
+class ResLoraModel(nn.Module):
+    """A base model with ResLoRA adapters: same forward signature and outputs as the base model.
+
+    The base model is modified in place as in PEFT (targets replaced by ``ResLoraLinear``, everything else
+    frozen except ``modules_to_save``); attributes the wrapper lacks (``config``, ``generate``, ...) are
+    looked up on the base model.
+    """
+
+    def __init__(self, base_model: nn.Module, config: ResLoraConfig):
+        super().__init__()
+        self.base_model = base_model
+        self.reslora_config = config
+        self._slot = ForwardSlot()
+        self._hooks = []
+        self._requires_grad = {n: p.requires_grad for n, p in base_model.named_parameters()}
+        try:  # all or nothing: a wrap that fails leaves the base model as it was
+            base_model.requires_grad_(False)
+            self._inject(config)
+            self._unfreeze_modules_to_save(config.modules_to_save)
+            self.chains = self._build_chains(config)
+        except BaseException:
+            self.unload()
+            raise
+        # The forward state is scoped by hooks on the base model's root, so that every way of running it
+        # (our forward, generate, a direct call) gets a fresh state that is dropped when the call ends.
+        self._hooks = [base_model.register_forward_pre_hook(self._slot.begin),
+                       base_model.register_forward_hook(self._slot.end, always_call=True)]
+
+    def unload(self) -> nn.Module:
+        """The base model as it was before wrapping (adapters dropped, not merged): its own linear layers back,
+        no hooks, every parameter's ``requires_grad`` as before."""
+        for name, module in list(self.base_model.named_modules()):
+            if isinstance(module, ResLoraLinear):
+                parent_name, _, child = name.rpartition(".")
+                setattr(self.base_model.get_submodule(parent_name), child, module.base_layer)
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        for name, param in self.base_model.named_parameters():
+            param.requires_grad_(self._requires_grad.get(name, param.requires_grad))
+        return self.base_model
+
+    # ---- construction -------------------------------------------------------------------------------
+    def _inject(self, config: ResLoraConfig) -> None:
+        targets = [(n, m) for n, m in self.base_model.named_modules() if n and matches(n, config.target_modules)]
+        if not targets:
+            linears = sorted({target_name(n) for n, m in self.base_model.named_modules() if isinstance(m, nn.Linear)})
+            raise ValueError(f"target_modules={config.target_modules!r} matched no module; the linear layers "
+                             f"of this model are named {linears}")
+        for name, module in targets:  # check them all before changing anything
+            if not isinstance(module, nn.Linear):
+                raise TypeError(f"target module {name!r} is a {type(module).__name__}; ResLoRA adapts nn.Linear only")
+            if module.weight.is_meta:
+                raise ValueError(f"target module {name!r} has its weight on the meta device (no data): load the base "
+                                 "model's weights first (e.g. from_pretrained without device_map='meta', or "
+                                 "to_empty() then load_state_dict), then wrap it")
+        for name, module in targets:
+            parent_name, _, child = name.rpartition(".")
+            layer = ResLoraLinear(module, config.variant, config.r, config.lora_alpha, config.lora_dropout,
+                                  config.window, self._slot)
+            setattr(self.base_model.get_submodule(parent_name), child, layer)
+
+    def _unfreeze_modules_to_save(self, patterns: list[str]) -> None:
+        if not patterns:
+            return
+        chosen = [m for n, m in self.base_model.named_modules() if n and matches(n, patterns)]
+        if not chosen:
+            raise ValueError(f"modules_to_save={patterns!r} matched no module of {type(self.base_model).__name__}")
+        for module in chosen:
+            module.requires_grad_(True)
+
+    def _build_chains(self, config: ResLoraConfig) -> list[Chain]:
+        def run_order(item):  # stable: layers matching no prefix of layer_order keep their place at the end
+            return next((i for i, p in enumerate(config.layer_order) if item[0] == p or item[0].startswith(p + ".")),
+                        len(config.layer_order))
+
+        groups: dict[str, list[tuple[str, ResLoraLinear]]] = {}
+        for name, layer in sorted(self.named_reslora_layers().items(), key=run_order):
+            groups.setdefault(role_name(name), []).append((name, layer))
+        chains: list[Chain] = []
+        for members in groups.values():
+            start = 0
+            for i in range(1, len(members) + 1):
+                if i == len(members) or members[i][1].weight.shape != members[i - 1][1].weight.shape:
+                    if i < len(members):
+                        log.info("ResLoRA chain split before %s: shape %s -> %s", members[i][0],
+                                 tuple(members[i - 1][1].weight.shape), tuple(members[i][1].weight.shape))
+                    names, layers = zip(*members[start:i])
+                    Chain(list(names), list(layers), _chain_depth(config), chains)
+                    start = i
+        return chains
+
+    # ---- forward ------------------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def checkpoint_context_fn(self):
+        """``context_fn`` for ``torch.utils.checkpoint`` (non-reentrant): the recomputation of a checkpointed
+        block sees the state of the forward pass it belongs to, and records no statistics twice."""
+        captured = self._slot.current
+
+        @contextmanager
+        def recompute():
+            slot = self._slot
+            outer = slot.current, slot.depth
+            slot.current = None if captured is None else ForwardState(record=False, saved=captured.saved)
+            slot.depth += 1
+            try:
+                yield
+            finally:
+                slot.current, slot.depth = outer
+
+        return nullcontext(), recompute()
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs):
+        """Activation checkpointing of a transformers model, with the residual paths kept intact (what
+        ``transformers.Trainer`` calls for ``TrainingArguments(gradient_checkpointing=True)``)."""
+        options = dict(activation_checkpointing_kwargs or {})
+        if options.get("use_reentrant", False):
+            raise ValueError("use_reentrant=True is not supported: reentrant checkpointing drops the gradient of "
+                             "the residual inputs that a block reads from earlier blocks; use use_reentrant=False")
+        options.update(use_reentrant=False, context_fn=self.checkpoint_context_fn)
+        self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=options, **kwargs)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs):
+        """The older name of ``activation_checkpointing_enable``."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    @torch.no_grad()
+    def calibrate(self, batches) -> None:
+        """Fill the merge statistics from forwards on ``batches`` (dicts of keyword arguments or tensors),
+        e.g. for a model trained elsewhere. Use training data, never the evaluation set."""
+        self._slot.calibrating = True
+        try:
+            for batch in batches:
+                self(**batch) if isinstance(batch, dict) else self(batch)
+        finally:
+            self._slot.calibrating = False
+
+    def fit_merge_ls(self, batches, ridge: float = 1e-4) -> None:
+        """Fit the least-squares merge (``merge_ls``) on calibration batches of training data."""
+        from .merge import fit_merge_ls
+
+        fit_merge_ls(self, batches, ridge)
+
+    # ---- inspection ---------------------------------------------------------------------------------
+    def named_reslora_layers(self) -> dict[str, ResLoraLinear]:
+        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, ResLoraLinear)}
+
+    def trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # ---- merging ------------------------------------------------------------------------------------
+    @contextmanager
+    def merged(self, mode: str = "merge_bi"):
+        """Evaluate merged, in place: inside the block this model computes exactly what
+        ``merge_and_unload(mode)`` computes (the same W*, the same linear layers), using extra memory of the
+        merged target weights only; on exit, also on an exception, every target weight is restored bit for bit
+        (the original tensors are put back). Adapters, gradients and merge statistics are not touched.
+
+            with model.merged("merge_bi"):
+                metrics = evaluate(model)
+        """
+        from .merge import merged_weights
+
+        weights = merged_weights(self, mode)
+        originals = {layer: layer.base_layer.weight.data for layer in weights}
+        try:
+            for layer, weight in weights.items():
+                layer.base_layer.weight.data = weight
+                layer.merged_in_place = True
+            yield self
+        finally:
+            for layer, original in originals.items():
+                layer.base_layer.weight.data = original
+                layer.merged_in_place = False
+
+    def merge_and_unload(self, mode: str = "merge_bi") -> nn.Module:
+        """A new model of the base model's own classes with every target weight replaced by its merged W*
+        (``plain``, ``merge_bi``, ``merge_bw``; see merge.py). This model is left untouched."""
+        from .merge import merged_weights
+
+        replacements = {}
+        for layer, weight in merged_weights(self, mode).items():
+            linear = copy.deepcopy(layer.base_layer)
+            linear.weight.data.copy_(weight)
+            replacements[id(layer)] = linear
+        for module in self.base_model.modules():
+            # Activation checkpointing enabled through this wrapper binds checkpoint_context_fn (hence this
+            # whole model) into the base model; the merged model checkpoints as usual, without it.
+            func = getattr(module, "_gradient_checkpointing_func", None)
+            if isinstance(func, functools.partial) and getattr(func.keywords.get("context_fn"), "__self__", None) is self:
+                keywords = {k: v for k, v in func.keywords.items() if k != "context_fn"}
+                replacements[id(func)] = functools.partial(func.func, *func.args, **keywords)
+        plain = copy.deepcopy(self.base_model, memo=replacements)
+        for handle in self._hooks:
+            for hooks in (plain._forward_pre_hooks, plain._forward_hooks, plain._forward_hooks_always_called):
+                hooks.pop(handle.id, None)
+        return plain
+
+    def export_peft_adapter(self, directory: str | Path, mode: str = "merge_bi") -> None:
+        """Write the merged model as an ordinary HF PEFT LoRA adapter (``PeftModel.from_pretrained``)."""
+        from .merge import export_peft_adapter
+
+        export_peft_adapter(self, directory, mode)
+
+    # ---- save / load --------------------------------------------------------------------------------
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Trainable tensors (lora_A, lora_B, modules_to_save) and the merge statistics, keyed by their
+        names in the base model."""
+        state = {n: p for n, p in self.base_model.named_parameters() if p.requires_grad}
+        for name, layer in self.named_reslora_layers().items():
+            state.update({f"{name}.{b}": t for b, t in layer.named_buffers()})
+        return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+    def save_pretrained(self, directory: str | Path, **kwargs) -> None:
+        """Save the adapter (not the base model): the name transformers and PEFT users call. ``kwargs`` that
+        ``PreTrainedModel.save_pretrained`` takes are accepted and ignored."""
+        self.save_adapter(directory)
+
+    def save_adapter(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        with atomic_path(directory / WEIGHTS_NAME) as tmp:
+            save_file(self.adapter_state_dict(), str(tmp))
+        write_json(directory / CHAINS_NAME, [chain.names for chain in self.chains])
+        self.reslora_config.save(directory)
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, directory: str | Path) -> "ResLoraModel":
+        """Wrap ``base_model`` with the adapter saved in ``directory``. All or nothing: when the adapter cannot be
+        loaded, the base model is left exactly as it was."""
+        model = wrapper_class(type(base_model))(base_model, ResLoraConfig.load(directory))
+        try:
+            model.load_adapter(directory)
+        except BaseException:
+            model.unload()
+            raise
+        return model
+
+    def load_adapter(self, directory: str | Path) -> None:
+        path = Path(directory, WEIGHTS_NAME)
+        try:
+            saved = load_file(str(path))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path} does not exist: {directory} is not a saved ResLoRA adapter") from None
+        except Exception as error:  # safetensors raises its own error type for a damaged file
+            raise ValueError(f"{path} cannot be read as safetensors ({error}): the file is damaged or truncated; "
+                             "save the adapter again") from error
+        chains_path = Path(directory, CHAINS_NAME)
+        try:
+            saved_chains = json.loads(chains_path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"{chains_path} cannot be read ({error}): the adapter is incomplete or damaged") from error
+        expected = self.adapter_state_dict()
+        for name, tensor in saved.items():
+            if name not in expected:
+                raise ValueError(f"adapter tensor {name!r} has no place in {type(self.base_model).__name__}; "
+                                 f"is {directory} an adapter for another model?")
+            if tensor.shape != expected[name].shape:
+                raise ValueError(f"adapter tensor {name!r} has shape {tuple(tensor.shape)} but the base model "
+                                 f"needs {tuple(expected[name].shape)}: the adapter was made for another model")
+        missing = sorted(set(expected) - set(saved))
+        if missing:
+            raise ValueError(f"adapter in {directory} lacks {len(missing)} tensors, first {missing[0]!r}")
+        self.base_model.load_state_dict(saved, strict=False)
+        self._restore_chain_splits(saved_chains)
+
+    def _restore_chain_splits(self, saved_chains: list[list[str]]) -> None:
+        heads = {names[0] for names in saved_chains}
+        for chain in list(self.chains):
+            for name, layer in list(zip(chain.names, chain.layers))[1:]:
+                if name in heads:
+                    layer.chain.split_before(layer, reason="as in the saved adapter")
+
+
+def get_reslora_model(base_model: nn.Module, config: ResLoraConfig) -> ResLoraModel:
+    """Wrap ``base_model`` (modified in place, as PEFT does) with ResLoRA adapters described by ``config``."""
+    return wrapper_class(type(base_model))(base_model, config)
+
+
+@functools.lru_cache(maxsize=None)
+def wrapper_class(base_class: type) -> type:
+    """``ResLoraModel`` whose ``forward`` carries the signature of ``base_class.forward``: tools that read the
+    signature see the base model's arguments (``transformers.Trainer`` keeps the dataset columns the model takes
+    and finds its label names, as for the base model itself)."""
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    forward.__signature__ = inspect.signature(base_class.forward)
+    forward.__doc__ = base_class.forward.__doc__
+    return type(f"ResLora{base_class.__name__}", (ResLoraModel,), {"forward": forward, "__module__": __name__,
+                                                                   "__qualname__": f"ResLora{base_class.__name__}"})

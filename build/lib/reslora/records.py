@@ -1,0 +1,238 @@
+"""Run records: one JSON per run, the only input of tables and figures.
+
+How a record is made and published:
+- A run's *identity* is its composed config without the keys that steer a run but do not change what it
+  computes (``RUN_CONTROL_KEYS``). Its hash names the run dir, so two configurations never share a checkpoint.
+- A *cell* is ``task/method/seed``; a run with overrides beyond the grid keys (``train.lr=1e-3``) is a cell of
+  its own, named ``method__<overrides>-<hash>``, so a sweep over any key keeps one record per configuration.
+- Only a run that finished ``ok`` publishes ``results/records/<scale>/<tag>/<task>/<cell>/seed<N>.json``,
+  atomically. A failed, killed or refused run leaves its record in the run dir and a copy under
+  ``results/failures/``; it never touches a published record.
+- Every record carries its provenance: git commit, dirty flag, and a fingerprint of the code and configs.
+  Table builders refuse records from a dirty tree unless told otherwise; ``make check-records`` checks all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+from .io import write_json
+
+PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "hydra-core", "wandb", "numpy", "diffusers")
+# Keys that steer a run without changing what it computes: not part of its identity (dotted for nested keys).
+RUN_CONTROL_KEYS = ("debug", "logger", "skip_done", "continue_on_failure", "runs_dir", "results_dir", "threads",
+                    "data.mirror", "data.cache_dir")
+# Overrides that name the cell itself (its row, column and seed) or only steer the run: not a variant of a cell.
+GRID_KEYS = ("task", "method", "seed", "scale", "experiment", "tag")
+# Tracked paths that make up the code of a run: the dirty flag and the fingerprint cover them (not results/,
+# which a sweep writes to as it goes).
+CODE_PATHS = ("reslora", "experiments", "conf", "Makefile", "pyproject.toml", "requirements.txt",
+              "requirements-nodeps.txt")
+
+
+class RecordError(ValueError):
+    """A record that cannot be used: unreadable, not ok, or from an uncommitted tree."""
+
+
+# ---- identity: what a run computes -------------------------------------------------------------------------
+def identity(config: dict) -> dict:
+    """``config`` without the run-control keys."""
+    out = {k: v for k, v in config.items() if k not in RUN_CONTROL_KEYS}
+    for key in RUN_CONTROL_KEYS:
+        head, _, tail = key.partition(".")
+        if tail and isinstance(out.get(head), dict):
+            out[head] = {k: v for k, v in out[head].items() if k != tail}
+    return out
+
+
+def config_hash(config: dict, length: int = 8) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
+def differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts, as 'key: a -> b'."""
+    out = []
+    for key in sorted(set(a) | set(b), key=str):
+        name = f"{prefix}{key}"
+        va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += differing_keys(va, vb, name + ".")
+        elif va != vb:
+            out.append(f"{name}: {va!r} -> {vb!r}")
+    return out
+
+
+def override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def variant_overrides(overrides) -> list[str]:
+    """The command-line overrides that make a run a variant of its cell: neither grid nor run-control keys."""
+    def steers(key: str) -> bool:  # method=... names the row; method.pre_num=0 makes a variant of it
+        return (key in GRID_KEYS or key.startswith(("hydra.", "hydra/"))
+                or any(key == k or key.startswith(k + ".") for k in RUN_CONTROL_KEYS))
+    return sorted(o for o in overrides if not steers(override_key(o)))
+
+
+def cell_name(method: str, variants: list[str], config: dict) -> str:
+    """``method`` for the grid's own configuration; ``method__key=value,...-<hash>`` for a variant, the hash
+    over the identity without the seed, so every seed of a variant shares the cell."""
+    if not variants:
+        return method
+    slug = ",".join(variants).replace("/", "_").replace(" ", "")
+    return f"{method}__{slug}-{config_hash({k: v for k, v in identity(config).items() if k != 'seed'}, 6)}"
+
+
+# ---- paths ---------------------------------------------------------------------------------------------------
+def record_path(results_dir: str | Path, scale: str, tag: str, task: str, cell: str, seed: int) -> Path:
+    return Path(results_dir) / "records" / scale / tag / task / cell / f"seed{seed}.json"
+
+
+def failure_path(results_dir: str | Path, scale: str, tag: str, task: str, cell: str, seed: int) -> Path:
+    return Path(results_dir) / "failures" / scale / tag / task / cell / f"seed{seed}.json"
+
+
+# ---- reading -------------------------------------------------------------------------------------------------
+def read_record(path: str | Path) -> dict | None:
+    """The record at ``path``; None when there is none; RecordError naming the file when it cannot be parsed."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RecordError(f"{path} is not a readable run record ({error}); restore it with git or delete it "
+                          "and rerun its cell") from error
+    if not isinstance(record, dict) or "status" not in record or "config" not in record:
+        raise RecordError(f"{path} is not a run record (no 'status' or 'config' key)")
+    return record
+
+
+def record_files(results_dir: str | Path, scale: str | None = None, tag: str | None = None) -> list[Path]:
+    root = Path(results_dir) / "records"
+    pattern = f"{scale or '*'}/{tag or '*'}/*/*/seed*.json"
+    return sorted(root.glob(pattern))
+
+
+KNOWN_STALE = "known_stale.txt"
+
+
+def known_stale(results_dir: str | Path) -> dict[str, str]:
+    """{record path relative to results/records: reason}: the records known to fail ``make check-records``
+    (waiting to be rerun), from results/records/known_stale.txt (``path  # reason`` lines)."""
+    listing = Path(results_dir) / "records" / KNOWN_STALE
+    known = {}
+    for line in listing.read_text().splitlines() if listing.is_file() else []:
+        path, _, reason = line.partition("#")
+        if path.strip():
+            known[path.strip()] = reason.strip()
+    return known
+
+
+def load_records(results_dir: str | Path, scale: str, tag: str, allow_dirty: bool | None = None,
+                 variants: bool = False) -> list[dict]:
+    """Every published record of ``scale``/``tag`` (with ``variants``, also the cells made by extra overrides).
+    Stops with RecordError, naming the files, at a record that cannot be read, is not ok, or was made from a
+    tree with uncommitted changes, unless ``allow_dirty``, or the record is listed in known_stale.txt (waiting
+    to be rerun), or it is a smoke-scale record (never evidence); records let through dirty get ``dirty: True``
+    for the tables to list."""
+    if allow_dirty is None:
+        allow_dirty = scale.startswith("smoke")
+    listed = known_stale(results_dir)
+    records, dirty = [], []
+    for path in record_files(results_dir, scale, tag):
+        if "__" in path.parent.name and not variants:
+            continue
+        record = read_record(path)
+        if record.get("status") != "ok":
+            raise RecordError(f"{path} has status {record.get('status')!r}; a published record must be 'ok'")
+        if is_dirty(record):
+            record["dirty"] = True
+            if str(path.relative_to(Path(results_dir) / "records")) not in listed:
+                dirty.append(str(path))
+        records.append(record)
+    if dirty and not allow_dirty:
+        raise RecordError(f"{len(dirty)} record(s) under {results_dir}/records/{scale}/{tag} were made from a tree "
+                          f"with uncommitted changes (not evidence; rerun them from a commit, or pass --allow-dirty "
+                          f"to build anyway with them listed): " + ", ".join(dirty[:5]) + (" ..." if len(dirty) > 5 else ""))
+    return records
+
+
+def load_failures(results_dir: str | Path, scale: str, tag: str) -> list[dict]:
+    root = Path(results_dir) / "failures" / scale / tag
+    return [json.loads(p.read_text()) for p in sorted(root.glob("*/*/seed*.json"))]
+
+
+def is_dirty(record: dict) -> bool:
+    """Made from a tree with uncommitted changes, or with no git information at all."""
+    git = record.get("git") or {}
+    return git.get("dirty") is not False or not git.get("commit")
+
+
+# ---- writing -------------------------------------------------------------------------------------------------
+def publish(record: dict, path: Path) -> None:
+    """Write an ok record to its published path, atomically; anything else is refused."""
+    if record.get("status") != "ok":
+        raise ValueError(f"only an ok run publishes a record; this one is {record.get('status')!r}")
+    write_json(path, record)
+
+
+def write_record(record: dict, *paths: Path) -> None:
+    for path in paths:
+        write_json(path, record)
+
+
+# ---- provenance -------------------------------------------------------------------------------------------------
+def environment() -> dict:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"versions": versions, "git": provenance(), "python": platform.python_version(),
+            "machine": platform.machine(), "cpu": cpu_model(), "cpus": os.cpu_count()}
+
+
+def cpu_model() -> str:
+    """The processor's model name (Linux: /proc/cpuinfo), else what platform reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def provenance(root: str | Path | None = None) -> dict:
+    """Git commit, dirty flag (uncommitted changes to the tracked code, ``CODE_PATHS``), and ``fingerprint``: a
+    hash of the content of those tracked files as they are on disk, so a record says which code ran even when
+    the tree was dirty (then ``diff``: a hash of ``git diff HEAD`` over them)."""
+    root = Path(root or Path(__file__).resolve().parents[1])
+
+    def git(*args) -> str | None:
+        try:
+            result = subprocess.run(["git", *args], capture_output=True, text=True, timeout=30, cwd=root)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return result.stdout if result.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {"commit": None, "dirty": None, "fingerprint": None}
+    dirty = bool((git("status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS) or "").strip())
+    files = sorted((git("ls-files", "-z", "--", *CODE_PATHS) or "").split("\0"))
+    digest = hashlib.sha256()
+    for name in filter(None, files):
+        path = root / name
+        digest.update(name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b"<deleted>") + b"\0")
+    out = {"commit": commit.strip(), "dirty": dirty, "fingerprint": digest.hexdigest()[:16]}
+    if dirty:
+        out["diff"] = hashlib.sha256((git("diff", "HEAD", "--", *CODE_PATHS) or "").encode()).hexdigest()[:16]
+    return out

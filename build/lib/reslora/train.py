@@ -1,0 +1,434 @@
+"""The shared training loop, for every task and every method.
+
+A task object supplies data, collate, loss and evaluation; this file does the rest: optimiser and
+schedule, gradient accumulation and clipping, periodic validation with model selection, checkpoint and
+resume, logging, and the run record. Read it top to bottom.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import resource
+import signal
+import time
+import traceback
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from filelock import FileLock, Timeout
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .io import atomic_path
+from .merge import delta_norms
+from .methods import apply_method, eval_modes, evaluated_as
+from .model import ResLoraModel, role_name
+from .records import (RecordError, cell_name, config_hash, differing_keys, environment, failure_path, identity,
+                      is_dirty, publish, read_record, record_path, variant_overrides, write_record)
+from .tasks import build_task
+from .tasks.mirror import FILES_READ
+from .wandb_logger import RunLogger, run_id
+
+
+CALIBRATION_SEED = 0  # the random inputs (text-to-image noise) of the merge_ls calibration batches
+
+
+def get_lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Linear warmup to the peak, then linear decay to zero (as in LoRA and the authors' scripts)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def validate_config(cfg) -> None:
+    t = cfg.train
+    checks = [("train.lr", t.lr, t.lr > 0, "a positive number"),
+              ("train.batch_size", t.batch_size, t.batch_size >= 1, "an integer >= 1"),
+              ("train.grad_accum", t.grad_accum, t.grad_accum >= 1, "an integer >= 1"),
+              ("train.eval_every", t.eval_every, t.eval_every >= 1, "an integer >= 1"),
+              ("train.warmup_ratio", t.warmup_ratio, 0 <= t.warmup_ratio < 1, "a number in [0, 1)"),
+              ("train.weight_decay", t.weight_decay, t.weight_decay >= 0, "a number >= 0"),
+              ("train.test_modes", t.test_modes, t.test_modes in ("all", "headline"),
+               "'all' (test in every eval mode) or 'headline' (in the first only)")]
+    for name, value, ok, accepted in checks:
+        if not ok:
+            raise ValueError(f"{name}={value!r} is invalid; it must be {accepted}")
+    for name, value in (("train.max_steps", t.max_steps), ("train.epochs", t.epochs),
+                        ("data.val_samples", cfg.data.val_samples)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name}={value!r} is invalid; it must be an integer >= 1" +
+                             (" (or null)" if name != "data.val_samples" else ""))
+    if not (t.max_steps or t.epochs):
+        raise ValueError(f"train.max_steps={t.max_steps!r} and train.epochs={t.epochs!r}: set one of them > 0")
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """What training changes: trainable parameters and the ResLoRA merge statistics (buffers)."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    stats = (".input_norms", ".ax_norms", ".stat_count")
+    return {n: t.detach().clone() for n, t in model.state_dict().items() if n in trainable or n.endswith(stats)}
+
+
+def adapter_grad_norms(model) -> dict[str, list[float]]:
+    """[||grad A||, ||grad B||] per adapted layer (ours: ``lora_A``; PEFT: ``lora_A.default.weight``), keyed by
+    the layer's name in the base model."""
+    norms: dict[str, list[float]] = {}
+    inner = model.base_model if isinstance(model, ResLoraModel) else model.base_model.model
+    for name, param in inner.named_parameters():
+        parts = name.split(".")
+        for which, key in enumerate(("lora_A", "lora_B")):
+            if key in parts and param.grad is not None:
+                layer = ".".join(parts[:parts.index(key)])
+                norms.setdefault(layer, [0.0, 0.0])[which] = float(param.grad.norm())
+    return norms
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def batch_stream(loader, accelerator, epoch: int, start: int):
+    """Endless (epoch, position after this batch, batch), starting ``start`` batches into ``epoch``."""
+    while True:
+        loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(loader, start) if start else loader
+        for i, batch in enumerate(batches, start=start + 1):
+            yield epoch, i, batch
+        epoch, start = epoch + 1, 0
+
+
+def run(cfg, overrides=(), choices: dict | None = None) -> dict:
+    """Train and evaluate one configuration. ``overrides``: the command line's (they name a variant cell);
+    ``choices``: the config group options Hydra picked (recorded, so that ``make check-records`` can compose
+    the same config again). The run dir is keyed by the identity hash; only an ok run publishes its record."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    variants = variant_overrides(overrides)
+    cell = cell_name(cfg.method.name, variants, config)
+    where = (cfg.results_dir, cfg.scale.name, cfg.tag, cfg.task.name, cell, cfg.seed)
+    published, failure = record_path(*where), failure_path(*where)
+    run_dir = Path(cfg.runs_dir, cfg.scale.name, cfg.tag, cfg.task.name, cell, f"seed{cfg.seed}",
+                   f"config-{config_hash(identity(config))}")
+    provenance = environment()
+    try:
+        existing = read_record(published)
+    except RecordError as error:
+        print(f"rerun: {error}")
+        existing = None
+    if existing is not None:
+        differ = differing_keys(identity(existing["config"]), identity(config))
+        stale = differ or (is_dirty(existing) and not is_dirty(provenance))  # a clean rerun replaces a dirty one
+        if cfg.skip_done and not stale:
+            print(f"skip: {published} exists with this config")
+            return {"status": "skipped", "record": str(published)}
+        if cfg.skip_done:
+            print(f"rerun: {published} was made " + (f"with another config ({'; '.join(differ[:10])})" if differ
+                                                      else "from a tree with uncommitted changes"))
+    record = {"status": "running", "task": cfg.task.name, "method": cfg.method.name, "cell": cell, "seed": cfg.seed,
+              "scale": cfg.scale.name, "tag": cfg.tag, "overrides": list(overrides), "variant_overrides": variants,
+              "choices": dict(choices or {}), "config": config, **provenance}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # One launch per run dir (its main process holds the lock for all of a distributed launch's processes).
+    lock = FileLock(str(run_dir / "run.lock"))
+    try:
+        if int(os.environ.get("RANK", 0)) == 0:
+            lock.acquire(timeout=0)
+    except Timeout:
+        message = (f"{run_dir} is in use by another process running the same configuration ({lock.lock_file} is "
+                   "held); wait for it to finish, or stop it")
+        if cfg.continue_on_failure:
+            print(f"refused: {message}")
+            return {"status": "refused", "error": message}
+        raise RuntimeError(message) from None
+    logger = RunLogger(cfg.logger, name=f"{cfg.task.name}-{cell}-seed{cfg.seed}",
+                       group=f"{cfg.scale.name}/{cfg.tag}", config=config, run_dir=run_dir,
+                       tags=[cfg.task.name, cfg.method.name, cfg.method.get("variant", cfg.method.kind),
+                             cfg.scale.name, cfg.tag])
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    start = time.time()
+    try:
+        validate_config(cfg)
+        train_and_evaluate(cfg, run_dir, record, logger)
+        record["status"] = "ok"
+    except BaseException as error:
+        record.update(status="failed", error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc())
+        if not cfg.continue_on_failure or isinstance(error, (KeyboardInterrupt, SystemExit)):
+            raise
+        print(f"run failed, continuing: {record['error']}")
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+        record["wall_time_s"] = time.time() - start
+        times = record.setdefault("time_s", {})
+        times["other"] = record["wall_time_s"] - sum(times.values())  # set-up, wrapping, block norms, logging
+        record["peak_memory_mb"] = peak_memory_mb()
+        if record.get("is_main_process", True):
+            with timed(record, "writing"):  # measured before it is written: the record's own write is not in it
+                write_record(record, run_dir / "record.json")
+            if record["status"] == "ok":
+                publish(record, published)
+                failure.unlink(missing_ok=True)
+            else:
+                write_record(record, failure)
+            logger.artifact(run_dir / "record.json", f"record-{run_id(run_dir)}")
+            print(summary_line(record, published if record["status"] == "ok" else failure))
+        logger.finish()
+        if lock.is_locked:
+            lock.release()
+    return record
+
+
+def summary_line(record: dict, path: Path) -> str:
+    """What a run ends with on the console, whatever the logger: its headline and where its record is."""
+    cell = f"{record['task']}/{record['cell']}/seed{record['seed']}"
+    if record["status"] != "ok":
+        return f"[reslora] {cell} {record['status']}: {record.get('error', '')}; record {path}"
+    return (f"[reslora] {cell} ok: test {record['headline_metric']} {record['headline']:.4f} "
+            f"({record['headline_mode']}), {record['wall_time_s']:.0f} s; record {path}")
+
+
+def _raise_on_sigterm(signum, frame):
+    raise SystemExit(f"terminated by signal {signum}; rerun the same command to resume from the last checkpoint")
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+@contextmanager
+def timed(record: dict, part: str):
+    """Add the block's wall time to ``record['time_s'][part]``: where a run's time goes."""
+    start = time.time()
+    try:
+        yield
+    finally:
+        times = record.setdefault("time_s", {})
+        times[part] = times.get(part, 0.0) + time.time() - start
+
+
+def split_predictions(final: dict) -> tuple[dict, dict]:
+    """{mode: {split: metrics with 'items'}} -> (the metrics, {mode: {split: items}}): the record keeps the
+    per-item predictions apart from the metrics."""
+    metrics = {mode: {split: {k: v for k, v in m.items() if k != "items"} for split, m in splits.items()}
+               for mode, splits in final.items()}
+    items = {mode: {split: m["items"] for split, m in splits.items() if "items" in m} for mode, splits in final.items()}
+    return metrics, items
+
+
+def evaluate_base(cfg, task, model, splits, accelerator, record: dict, logger: RunLogger) -> None:
+    """The reference row (method kind ``none``, e.g. zero-shot): the base model as it is, on the test
+    split(s), without training."""
+    model.requires_grad_(False)
+    loaders = {name: DataLoader(ds, batch_size=cfg.train.eval_batch_size, collate_fn=task.collate())
+               for name, ds in splits.items() if name.startswith("test")}
+    model, *prepared = accelerator.prepare(model, *loaders.values())
+    record.update(trainable_params=0, total_params=sum(p.numel() for p in model.parameters()), total_steps=0,
+                  headline_mode="unmerged", headline_metric=task.headline, train_loss=[], eval=[], grad_norms=[],
+                  train_loop_s=0.0)
+    record["final"], record["predictions"] = split_predictions(
+        {"unmerged": {name: task.evaluate(model, loader, accelerator) for name, loader in zip(loaders, prepared)}})
+    record["headline"] = record["final"]["unmerged"]["test"][task.headline]
+    logger.summary({"headline": record["headline"]})
+
+
+def train_and_evaluate(cfg, run_dir: Path, record: dict, logger: RunLogger) -> None:
+    t = cfg.train
+    torch.set_num_threads(cfg.threads)
+    # The console shows the run's own progress: no per-dataset Map bars, no load report of the expected new head.
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    # cpu=True without CUDA: processes started by `accelerate launch --multi_gpu` then join over gloo.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=t.grad_accum,
+                              mixed_precision=t.mixed_precision,
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    record["is_main_process"] = accelerator.is_main_process
+    record["num_processes"] = accelerator.num_processes
+
+    # Data and model. The adapter's initialisation depends on the seed only, not on data loading.
+    task = build_task(cfg)
+    set_seed(cfg.seed)
+    with timed(record, "model_load"):
+        base = task.load_model(cfg.model)
+    if hasattr(task, "assets"):  # what the task built its judge and base from (text2image)
+        record["assets"] = task.assets()
+    with timed(record, "data"):
+        splits = task.datasets()
+    record["data_sizes"] = {name: len(ds) for name, ds in splits.items()}
+    record["data_files"] = dict(FILES_READ)  # mirror files read, with their manifest's sha256 and example count
+    if getattr(task, "split_note", None):  # where the splits came from, when the mirror decided them
+        record["split_note"] = task.split_note
+    if cfg.method.kind == "none":
+        return evaluate_base(cfg, task, base, splits, accelerator, record, logger)
+    steps_per_epoch = math.ceil(len(splits["train"]) / (t.batch_size * t.grad_accum * accelerator.num_processes))
+    total_steps = t.max_steps or t.epochs * steps_per_epoch
+    set_seed(cfg.seed)
+    model = apply_method(base, cfg.method, cfg.model, total_steps)
+    modes = eval_modes(cfg.method)
+    record["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    record["total_params"] = sum(p.numel() for p in model.parameters())
+    record.update(total_steps=total_steps, headline_mode=modes[0], headline_metric=task.headline)
+
+    # Optimiser: AdamW on the trainable tensors, linear warmup and decay.
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    warmup = int(t.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: get_lr_factor(s, warmup, total_steps))
+    collate = task.collate()
+    train_loader = DataLoader(splits["train"], batch_size=t.batch_size, shuffle=True, collate_fn=collate)
+    eval_loaders = {name: DataLoader(ds, batch_size=t.eval_batch_size, collate_fn=collate)
+                    for name, ds in splits.items() if name != "train"}
+    model, optimizer, train_loader, *loaders = accelerator.prepare(model, optimizer, train_loader,
+                                                                   *eval_loaders.values())
+    eval_loaders = dict(zip(eval_loaders, loaders))
+    unwrapped = accelerator.unwrap_model(model)
+
+    def calibration_batches():
+        """The first training examples, in order, as model inputs, for the least-squares merge: training data
+        only; a fixed seed for tasks whose inputs are random (the merge is the same at every evaluation)."""
+        loader = DataLoader(splits["train"], batch_size=t.batch_size, collate_fn=collate)
+        generator = torch.Generator().manual_seed(CALIBRATION_SEED)
+        for i, batch in enumerate(loader):
+            if i == t.calibration_batches:
+                return
+            batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            yield task.model_inputs(batch, generator)
+
+    def evaluate(mode: str, split: str) -> dict[str, float]:
+        """Metrics of ``split`` in eval ``mode``; its time goes to 'merge' (merged weights, merge_ls fit) and to
+        'validation' or 'test/<mode>'."""
+        part = "validation" if split == "validation" else f"test/{mode}"
+        with ExitStack() as stack:
+            with timed(record, "merge"):
+                evaluated = stack.enter_context(evaluated_as(unwrapped, mode, calibration_batches))
+            with timed(record, part):
+                metrics = task.evaluate(evaluated, eval_loaders[split], accelerator)
+        model.train()
+        return metrics
+
+    # Resume: the last checkpoint of this run dir, if any, restores everything the loop depends on.
+    checkpoint = run_dir / "checkpoint.pt"
+    progress = {"step": 0, "epoch": 0, "position": 0, "train_loss": [], "eval": [], "grad_norms": [], "best": None}
+    pending_rng = None
+    if checkpoint.is_file():
+        try:
+            saved = torch.load(checkpoint, weights_only=False)
+        except Exception as error:  # a truncated or foreign file: say which, and how to go on
+            raise ValueError(f"{checkpoint} cannot be read as a checkpoint ({type(error).__name__}: {error}); "
+                             "delete it to start this run afresh") from error
+        differ = differing_keys(identity(saved["config"]), identity(record["config"]))
+        if differ:
+            raise ValueError(f"{checkpoint} belongs to a run with another config ({'; '.join(differ[:10])}); delete "
+                             "it to start afresh")
+        unwrapped.load_state_dict(saved["model"], strict=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        progress, pending_rng = saved["progress"], saved["rng"]
+        print(f"resumed from {checkpoint} at step {progress['step']}")
+
+    def save_checkpoint():
+        if accelerator.is_main_process:
+            with atomic_path(checkpoint) as tmp:
+                torch.save({"config": record["config"], "model": trainable_state(unwrapped),
+                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "progress": progress, "rng": rng_state()}, tmp)
+        accelerator.wait_for_everyone()
+
+    # The loop: one optimiser step = grad_accum micro-batches; validate every eval_every steps.
+    model.train()
+    loop_start = time.time()
+    stream = batch_stream(train_loader, accelerator, progress["epoch"], progress["position"])
+    bar = tqdm(total=total_steps, initial=progress["step"], disable=not accelerator.is_local_main_process,
+               desc=f"{cfg.task.name}/{cfg.method.name}/seed{cfg.seed}", dynamic_ncols=True)
+    step_loss, step_examples, tick = torch.zeros(()), 0, time.time()
+    while progress["step"] < total_steps:
+        progress["epoch"], progress["position"], batch = next(stream)
+        if pending_rng is not None:  # after the data iterator exists, so its creation draws nothing we replay
+            set_rng_state(pending_rng)
+            pending_rng = None
+        with accelerator.accumulate(model):
+            loss = task.loss(model, batch)
+            accelerator.backward(loss)
+            step_ahead = progress["step"] + 1
+            if accelerator.sync_gradients and t.grad_norm_every and step_ahead % t.grad_norm_every == 0:
+                progress["grad_norms"].append({"step": step_ahead, "layers": adapter_grad_norms(unwrapped)})
+                logger.log({f"grad_norm/{which}/{layer}": norms[i] for layer, norms in progress["grad_norms"][-1][
+                    "layers"].items() for i, which in enumerate(("A", "B"))}, step_ahead)
+            if accelerator.sync_gradients and t.max_grad_norm:
+                accelerator.clip_grad_norm_(params, t.max_grad_norm)
+            optimizer.step()
+            if accelerator.sync_gradients:
+                scheduler.step()
+                if hasattr(unwrapped.base_model, "update_and_allocate"):  # AdaLoRA's rank allocation
+                    unwrapped.base_model.update_and_allocate(progress["step"])
+            optimizer.zero_grad()
+        step_loss += loss.detach().float().cpu() / t.grad_accum
+        step_examples += len(batch["labels"]) * accelerator.num_processes
+        if not accelerator.sync_gradients:
+            continue
+
+        progress["step"] += 1
+        step = progress["step"]
+        mean_loss = accelerator.reduce(step_loss.to(accelerator.device), "mean").item()
+        progress["train_loss"].append([step, mean_loss])
+        rate = step_examples / (time.time() - tick)
+        logger.log({"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0], "train/examples_per_s": rate}, step)
+        bar.set_postfix(loss=f"{mean_loss:.4f}", ex_s=f"{rate:.1f}")
+        bar.update()
+        step_loss, step_examples, tick = torch.zeros(()), 0, time.time()
+
+        if step % t.eval_every == 0 or step == total_steps:
+            metrics = evaluate(modes[0], "validation")
+            metrics.pop("items", None)  # per-item predictions are kept for the test splits only
+            progress["eval"].append({"step": step, "validation": metrics})
+            logger.log({f"validation/{k}": v for k, v in metrics.items()}, step)
+            if progress["best"] is None or metrics[task.headline] > progress["best"]["validation"][task.headline]:
+                progress["best"] = {"step": step, "validation": metrics, "state": trainable_state(unwrapped)}
+            with timed(record, "checkpoint"):
+                save_checkpoint()
+            if step == cfg.debug.kill_at_step:  # tests: a kill right after a checkpoint, as a crash would
+                os.kill(os.getpid(), getattr(signal, f"SIG{cfg.debug.kill_signal}"))
+    bar.close()
+    record["train_loop_s"] = time.time() - loop_start  # this process's share, after any resume
+    times = record["time_s"]
+    times["train_steps"] = record["train_loop_s"] - times.get("validation", 0.0) - times.get("checkpoint", 0.0) \
+        - times.get("merge", 0.0)
+
+    # Final evaluation: the model selected on validation, on the test split(s), in every eval mode.
+    best = progress["best"]
+    unwrapped.load_state_dict(best["state"], strict=False)
+    record.update(train_loss=progress["train_loss"], eval=progress["eval"], grad_norms=progress["grad_norms"],
+                  best={"step": best["step"], "validation": best["validation"]})
+    if isinstance(unwrapped, ResLoraModel):
+        record["chain_lengths"] = {}  # per role, after any split at the first forward
+        for chain in unwrapped.chains:
+            record["chain_lengths"].setdefault(role_name(chain.names[0]), []).append(len(chain.layers))
+        record["block_norms"] = delta_norms(unwrapped, "plain" if modes[0] == "unmerged" else modes[0])
+        logger.summary({f"block_norm/{name}": norms["merged"] for name, norms in record["block_norms"].items()})
+    record["final"], record["predictions"] = split_predictions(
+        {mode: {split: evaluate(mode, split) for split in eval_loaders if split != "validation"}
+         for mode in (modes if t.test_modes == "all" else modes[:1])})
+    record["headline"] = record["final"][modes[0]]["test"][task.headline]
+    logger.log({f"test/{mode}/{k}": v for mode, m in record["final"].items() for k, v in m["test"].items()},
+               total_steps)
+    logger.summary({"headline": record["headline"], "best/step": best["step"],
+                    **{f"best/validation/{k}": v for k, v in best["validation"].items() if isinstance(v, (int, float))}})
