@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from reslora import ResLoraConfig, ResLoraLinear, get_reslora_model  # noqa: E402
 from reslora.io import atomic_path  # noqa: E402
-from reslora.records import environment  # noqa: E402
+from reslora.lab.records import environment  # noqa: E402
 
 REFERENCE_PEFT = "peft_lora"
 REFERENCE_OURS = "lora"
@@ -135,7 +135,7 @@ class SmolLM2(Workload):
     cache_dir: Path = ROOT / ".cache"
 
     def load(self) -> None:
-        from reslora.hub_models import load_smollm2
+        from reslora.lab.hub_models import load_smollm2
 
         self.base, _ = load_smollm2(self.cache_dir, num_hidden_layers=self.layers)
         self.vocab = self.base.config.vocab_size

@@ -19,7 +19,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from reslora.records import KNOWN_STALE, RecordError, differing_keys, identity, is_dirty, known_stale, read_record
+from reslora.lab.records import KNOWN_STALE, RecordError, differing_keys, identity, is_dirty, known_stale, read_record
 
 ROOT = Path(__file__).resolve().parents[1]
 @functools.lru_cache(maxsize=None)

@@ -36,7 +36,7 @@ def larger_llama() -> torch.nn.Module:
 
 
 def smollm2(cache_dir: str) -> torch.nn.Module:
-    from reslora.hub_models import load_smollm2
+    from reslora.lab.hub_models import load_smollm2
 
     return load_smollm2(cache_dir)[0].eval()
 

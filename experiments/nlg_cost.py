@@ -19,8 +19,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from reslora.io import atomic_path, write_json
-from reslora.methods import apply_method
-from reslora.tasks import build_task
+from reslora.lab.methods import apply_method
+from reslora.lab.tasks import build_task
 
 ROOT = Path(__file__).resolve().parents[1]
 

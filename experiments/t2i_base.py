@@ -1,7 +1,7 @@
 """Pretrain the cpu-scale text-to-image base once: the small UNet on Fashion-MNIST with class-name captions.
 
 No pretrained diffusion weights can be had offline, so this stands in for Stable Diffusion: a seeded full
-training of reslora.tasks.text2image.small_unet (DDPM noise prediction, captions from a frozen MiniLM-L6,
+training of reslora.lab.tasks.text2image.small_unet (DDPM noise prediction, captions from a frozen MiniLM-L6,
 10% of captions dropped for classifier-free guidance). The result is cached under <cache>/t2i/base-unet
 (diffusers format, with base.json: steps, loss curve, time); Fig. 3 fine-tunes it on handwritten digits.
 A killed run resumes from its last checkpoint.
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from reslora.io import atomic_path, write_json
-from reslora.hub_models import resolve_model_path
-from reslora.tasks.text2image import (base_captions, base_unet_dir, diffusion_loss, encode_captions,
+from reslora.lab.hub_models import resolve_model_path
+from reslora.lab.tasks.text2image import (base_captions, base_unet_dir, diffusion_loss, encode_captions,
                                       fashion_mnist, noise_scheduler, small_unet, to_pixels)
 
 ROOT = Path(__file__).resolve().parents[1]

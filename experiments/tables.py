@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from reslora.io import atomic_path
-from reslora.records import load_failures, load_records
-from reslora.report import (CONTROL_ROWS, MODE_LABELS, RESLORA_ROWS, final_loss_frame, headline_frame, label,
+from reslora.lab.records import load_failures, load_records
+from reslora.lab.report import (CONTROL_ROWS, MODE_LABELS, RESLORA_ROWS, final_loss_frame, headline_frame, label,
                             interval_comparison, lr_frame, mode_frame, mode_gaps, mode_table, ordered,
                             paired_comparison, plot_block_norm_heatmaps,
                             plot_curves, plot_fig3_curves, plot_grad_flow, plot_lr_sweep, LR_SWEEP_ROWS, LR_SWEEP_TASKS, lr_sweep_records, selected_rates, plot_sample_grid, record_label,
@@ -68,7 +68,7 @@ def rows_table_and_comparison(records: list[dict], frame, rows: list[str], tasks
 
 
 INTERVAL_NOTE = ("Per task: the mean over seeds of (row − baseline) in points (same seed, same data), its 95% "
-                 "interval from a paired bootstrap over test items and seeds (`reslora/stats.py`), and on how many "
+                 "interval from a paired bootstrap over test items and seeds (`reslora/lab/stats.py`), and on how many "
                  "seeds the row won. An interval that covers 0 means: not resolved at this scale.")
 
 

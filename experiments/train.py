@@ -7,7 +7,7 @@
 import hydra
 from hydra.core.hydra_config import HydraConfig
 
-from reslora.train import run
+from reslora.lab.train import run
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

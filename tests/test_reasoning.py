@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from reslora.tasks.reasoning import (ReasoningTask, answer_complete, extract_answer, gsm8k_example, is_correct,
+from reslora.lab.tasks.reasoning import (ReasoningTask, answer_complete, extract_answer, gsm8k_example, is_correct,
                                     svamp_example)
 
 MIRROR = os.environ.get("DATA_MIRROR")

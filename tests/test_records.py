@@ -17,9 +17,9 @@ from hydra import compose, initialize_config_dir
 
 from _models import BERT, TOY, randomize
 from reslora import ResLoraConfig, ResLoraModel, get_reslora_model
-from reslora.records import RecordError, cell_name, load_records, provenance, variant_overrides
-from reslora.tasks.glue import read_mirror_split
-from reslora.train import validate_config
+from reslora.lab.records import RecordError, cell_name, load_records, provenance, variant_overrides
+from reslora.lab.tasks.glue import read_mirror_split
+from reslora.lab.train import validate_config
 from test_platform import CONF, MIRROR, ROOT, needs_data, train
 
 
@@ -248,7 +248,7 @@ def test_a_damaged_adapter_config_is_named(tmp_path):
 def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
     from omegaconf import OmegaConf
 
-    from reslora.wandb_logger import RunLogger, run_id
+    from reslora.lab.wandb_logger import RunLogger, run_id
 
     monkeypatch.setenv("WANDB_SILENT", "true")
     cfg = OmegaConf.create({"mode": "offline", "project": "reslora-test", "entity": None})

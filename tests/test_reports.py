@@ -12,7 +12,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from reslora.report import final_loss_frame, paired_comparison, summary_table, update_size_frame
+from reslora.lab.report import final_loss_frame, paired_comparison, summary_table, update_size_frame
 from test_platform import ROOT, needs_data, train
 
 

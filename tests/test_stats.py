@@ -8,7 +8,7 @@ import pytest
 from scipy.stats import pearsonr
 from sklearn.metrics import accuracy_score, matthews_corrcoef
 
-from reslora.stats import METRICS, paired_difference
+from reslora.lab.stats import METRICS, paired_difference
 
 
 def test_vectorised_metrics_equal_the_reference_implementations():

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from reslora.tasks.text2image import base_captions, fashion_mnist, read_idx, target_captions
+from reslora.lab.tasks.text2image import base_captions, fashion_mnist, read_idx, target_captions
 from test_platform import ROOT, train
 
 
@@ -78,7 +78,7 @@ def tiny_stable_diffusion(directory):
     from transformers import AutoTokenizer, BertConfig, BertModel
 
 
-    from reslora.hub_models import resolve_model_path
+    from reslora.lab.hub_models import resolve_model_path
 
     torch.manual_seed(0)
     UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,

@@ -28,10 +28,10 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .io import atomic_path
-from .merge import delta_norms
+from ..io import atomic_path
+from ..merge import delta_norms
 from .methods import apply_method, eval_modes, evaluated_as
-from .model import ResLoraModel, role_name
+from ..model import ResLoraModel, role_name
 from .records import (RecordError, cell_name, config_hash, differing_keys, environment, failure_path, identity,
                       is_dirty, publish, read_record, record_path, variant_overrides, write_record)
 from .tasks import build_task

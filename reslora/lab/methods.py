@@ -7,8 +7,8 @@ from contextlib import contextmanager
 from omegaconf import OmegaConf
 from peft import get_peft_config, get_peft_model
 
-from .config import ResLoraConfig
-from .model import ResLoraModel, get_reslora_model
+from ..config import ResLoraConfig
+from ..model import ResLoraModel, get_reslora_model
 
 PEFT_TYPES = ("LORA", "ADALORA", "LOHA", "LOKR")
 

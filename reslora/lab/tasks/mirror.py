@@ -7,7 +7,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from ..io import exclusive, write_json
+from ...io import exclusive, write_json
 
 # Every mirror file this process read, with what its manifest says: the run record lists them.
 FILES_READ: dict[str, dict] = {}

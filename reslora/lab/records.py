@@ -22,7 +22,7 @@ import platform
 import subprocess
 from pathlib import Path
 
-from .io import write_json
+from ..io import write_json
 
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "hydra-core", "wandb", "numpy", "diffusers")
 # Keys that steer a run without changing what it computes: not part of its identity (dotted for nested keys).
@@ -214,7 +214,7 @@ def provenance(root: str | Path | None = None) -> dict:
     """Git commit, dirty flag (uncommitted changes to the tracked code, ``CODE_PATHS``), and ``fingerprint``: a
     hash of the content of those tracked files as they are on disk, so a record says which code ran even when
     the tree was dirty (then ``diff``: a hash of ``git diff HEAD`` over them)."""
-    root = Path(root or Path(__file__).resolve().parents[1])
+    root = Path(root or Path(__file__).resolve().parents[2])
 
     def git(*args) -> str | None:
         try:

