@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 VARIANTS = ("lora", "is", "bs", "ms")
-CONFIG_NAME = "reslora_config.json"
+CONFIG_NAME = "adapter_config.json"         # PEFT's name; it also holds the chains and the base model's id
+LEGACY_CONFIG_NAME = "reslora_config.json"  # adapters saved before 2026-12 (with chains.json beside it)
 
 
 @dataclass
@@ -39,6 +40,8 @@ class ResLoraConfig:
     window: int = 100
     modules_to_save: list[str] = field(default_factory=list)
     layer_order: list[str] = field(default_factory=list)
+    base_model_name_or_path: str | None = None  # the base model's hub id or path, saved with the adapter
+    task_type: str | None = None  # PEFT's task type (SEQ_CLS, CAUSAL_LM, ...); None: inferred from the base class
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -72,19 +75,29 @@ class ResLoraConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def save(self, directory: str | Path) -> None:
-        Path(directory, CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
     @classmethod
     def load(cls, directory: str | Path) -> "ResLoraConfig":
-        path = Path(directory, CONFIG_NAME)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist: {directory} is not a saved ResLoRA adapter")
-        try:
-            values = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON ({error}): the adapter's config is damaged") from error
-        if not isinstance(values, dict):
-            raise ValueError(f"{path} does not describe a ResLoRA adapter (not a JSON object)")
+        """The config saved in ``directory`` (adapter_config.json, or an older adapter's reslora_config.json)."""
+        values = read_adapter_config(directory)
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def read_adapter_config(directory: str | Path) -> dict:
+    """The JSON object of the adapter's config file, naming the file when it is missing or damaged."""
+    path = Path(directory, CONFIG_NAME)
+    if not path.is_file() and Path(directory, LEGACY_CONFIG_NAME).is_file():
+        path = Path(directory, LEGACY_CONFIG_NAME)
+    if not path.is_file():
+        raise FileNotFoundError(f"{Path(directory, CONFIG_NAME)} does not exist: {directory} is not a saved ResLoRA "
+                                "adapter")
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}): the adapter's config is damaged") from error
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} does not describe a ResLoRA adapter (not a JSON object)")
+    if values.get("peft_type", "RESLORA") != "RESLORA":
+        raise ValueError(f"{path} is a PEFT {values['peft_type']} adapter, not a ResLoRA one: load it with "
+                         "peft.PeftModel.from_pretrained")
+    return values

@@ -198,14 +198,16 @@ def export_peft_adapter(model, directory: str | Path, mode: str) -> None:
         if A.shape[0] != config.r:
             rank_pattern[name] = A.shape[0]
             alpha_pattern[name] = layer.scaling * A.shape[0]
+    # PEFT keeps a sequence classifier's head ("classifier" or "score") with the adapter for SEQ_CLS, trained or not
+    heads = ("classifier", "score") if config.task_type == "SEQ_CLS" else ()
     for name, param in model.base_model.named_parameters():
-        if param.requires_grad and not name.endswith((".lora_A", ".lora_B")):
+        if (param.requires_grad or name.split(".")[0] in heads) and not name.endswith((".lora_A", ".lora_B")):
             tensors[f"base_model.model.{name}"] = param.detach()
     peft_config = LoraConfig(
         r=config.r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
         target_modules=list(model.named_reslora_layers()), rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
         modules_to_save=config.modules_to_save or None,
-        base_model_name_or_path=getattr(getattr(model.base_model, "config", None), "_name_or_path", None))
+        base_model_name_or_path=config.base_model_name_or_path, task_type=config.task_type)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     peft_config.save_pretrained(str(directory))

@@ -4,6 +4,7 @@ per-forward state, save and load adapters, merge into a plain model (see merge.p
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import inspect
 import json
@@ -16,14 +17,55 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import ResLoraConfig
+from .config import CONFIG_NAME, ResLoraConfig, read_adapter_config
 from .io import atomic_path, write_json
 from .layers import ForwardSlot, ForwardState, ResLoraLinear
 
 log = logging.getLogger("reslora")
 
 WEIGHTS_NAME = "adapter_model.safetensors"
-CHAINS_NAME = "chains.json"
+CHAINS_NAME = "chains.json"  # older adapters only: the chains are now in adapter_config.json
+LS_SOLUTION = "ls_solution"  # the merge_ls fit of a block, saved with the adapter
+# PEFT's task types by the class-name suffix of a transformers model
+TASK_TYPES = {"ForSequenceClassification": "SEQ_CLS", "ForCausalLM": "CAUSAL_LM", "ForTokenClassification": "TOKEN_CLS",
+              "ForQuestionAnswering": "QUESTION_ANS", "ForConditionalGeneration": "SEQ_2_SEQ_LM"}
+
+
+def task_type_of(base_model: nn.Module) -> str | None:
+    name = type(base_model).__name__
+    return next((task for suffix, task in TASK_TYPES.items() if name.endswith(suffix)), None)
+
+
+def base_model_id(base_model: nn.Module) -> str | None:
+    """The base model's hub id as transformers recorded it; None for a local path (it would not load elsewhere)."""
+    name = getattr(getattr(base_model, "config", None), "_name_or_path", None)
+    return name if name and not Path(name).is_absolute() and not Path(name).exists() else None
+
+
+def library_version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("reslora")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def adapter_directory(name: str | Path) -> Path:
+    """A local adapter directory as it is; anything else is taken as a hub repository id and downloaded
+    (needs huggingface_hub and internet)."""
+    if Path(name).is_dir():
+        return Path(name)
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as error:
+        raise FileNotFoundError(f"{name} is not a local directory, and huggingface_hub (to read it from the hub) is "
+                                "not installed") from error
+    try:
+        return Path(snapshot_download(str(name), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
+    except Exception as error:
+        raise FileNotFoundError(f"{name} is neither a local adapter directory nor a hub repository that could be "
+                                f"read ({type(error).__name__}: {error})") from error
 
 
 def matches(name: str, patterns: list[str] | str) -> bool:
@@ -100,7 +142,10 @@ class ResLoraModel(nn.Module):
     def __init__(self, base_model: nn.Module, config: ResLoraConfig):
         super().__init__()
         self.base_model = base_model
-        self.reslora_config = config
+        # what the adapter files record about the base model: given, or read off it
+        self.reslora_config = dataclasses.replace(
+            config, task_type=config.task_type or task_type_of(base_model),
+            base_model_name_or_path=config.base_model_name_or_path or base_model_id(base_model))
         self._slot = ForwardSlot()
         self._hooks = []
         self._requires_grad = {n: p.requires_grad for n, p in base_model.named_parameters()}
@@ -323,17 +368,26 @@ class ResLoraModel(nn.Module):
         self.save_adapter(directory)
 
     def save_adapter(self, directory: str | Path) -> None:
+        """``adapter_config.json`` (the config, the chains, the base model's id, the task type, the library and its
+        version) and ``adapter_model.safetensors`` (trained tensors, merge statistics and any merge_ls fit)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        tensors = self.adapter_state_dict()
+        for name, layer in self.named_reslora_layers().items():
+            if getattr(layer, "ls_solution", None) is not None:
+                tensors[f"{name}.{LS_SOLUTION}"] = torch.as_tensor(layer.ls_solution).detach().contiguous().cpu()
         with atomic_path(directory / WEIGHTS_NAME) as tmp:
-            save_file(self.adapter_state_dict(), str(tmp))
-        write_json(directory / CHAINS_NAME, [chain.names for chain in self.chains])
-        self.reslora_config.save(directory)
+            save_file(tensors, str(tmp))
+        config = self.reslora_config
+        write_json(directory / CONFIG_NAME, {
+            "peft_type": "RESLORA", "library": "reslora", "library_version": library_version(),
+            **config.to_dict(), "chains": [chain.names for chain in self.chains]})
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, directory: str | Path) -> "ResLoraModel":
-        """Wrap ``base_model`` with the adapter saved in ``directory``. All or nothing: when the adapter cannot be
-        loaded, the base model is left exactly as it was."""
+        """Wrap ``base_model`` with the adapter saved in ``directory`` (a local directory, or a hub repository id).
+        All or nothing: when the adapter cannot be loaded, the base model is left exactly as it was."""
+        directory = adapter_directory(directory)
         model = wrapper_class(type(base_model))(base_model, ResLoraConfig.load(directory))
         try:
             model.load_adapter(directory)
@@ -351,11 +405,16 @@ class ResLoraModel(nn.Module):
         except Exception as error:  # safetensors raises its own error type for a damaged file
             raise ValueError(f"{path} cannot be read as safetensors ({error}): the file is damaged or truncated; "
                              "save the adapter again") from error
-        chains_path = Path(directory, CHAINS_NAME)
-        try:
-            saved_chains = json.loads(chains_path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise ValueError(f"{chains_path} cannot be read ({error}): the adapter is incomplete or damaged") from error
+        saved_chains = read_adapter_config(directory).get("chains")
+        if saved_chains is None:  # an older adapter: chains.json beside reslora_config.json
+            chains_path = Path(directory, CHAINS_NAME)
+            try:
+                saved_chains = json.loads(chains_path.read_text())
+            except (OSError, json.JSONDecodeError) as error:
+                raise ValueError(f"{chains_path} cannot be read ({error}): the adapter is incomplete or damaged") from error
+        layers = self.named_reslora_layers()
+        fits = {name.removesuffix("." + LS_SOLUTION): saved.pop(name) for name in list(saved)
+                if name.endswith("." + LS_SOLUTION) and name.removesuffix("." + LS_SOLUTION) in layers}
         expected = self.adapter_state_dict()
         for name, tensor in saved.items():
             if name not in expected:
@@ -368,6 +427,8 @@ class ResLoraModel(nn.Module):
         if missing:
             raise ValueError(f"adapter in {directory} lacks {len(missing)} tensors, first {missing[0]!r}")
         self.base_model.load_state_dict(saved, strict=False)
+        for name, solution in fits.items():
+            layers[name].ls_solution = solution.to(layers[name].weight.device)
         self._restore_chain_splits(saved_chains)
 
     def _restore_chain_splits(self, saved_chains: list[list[str]]) -> None:

@@ -240,8 +240,8 @@ def test_a_failed_wrap_or_load_leaves_the_base_model_exactly_as_it_was(tmp_path)
 def test_a_damaged_adapter_config_is_named(tmp_path):
     model = get_reslora_model(BERT.build(), BERT.config("is"))
     model.save_adapter(tmp_path)
-    (tmp_path / "reslora_config.json").write_text("{not json")
-    with pytest.raises(ValueError, match="reslora_config.json is not valid JSON"):
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="adapter_config.json is not valid JSON"):
         ResLoraModel.from_pretrained(BERT.build(), tmp_path)
 
 

@@ -4,6 +4,7 @@ found, eval_loss reported, activation checkpointing with the residual paths; sav
 from __future__ import annotations
 
 import inspect
+import json
 
 import pytest
 import torch
@@ -55,8 +56,8 @@ def test_save_pretrained_writes_the_adapter_and_from_pretrained_reloads_it(tmp_p
     model = get_reslora_model(BERT.build(), BERT.config("ms"))
     trainer(model, tmp_path).train()
     model.save_pretrained(tmp_path / "adapter")
-    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_model.safetensors", "chains.json",
-                                                                       "reslora_config.json"]
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json",
+                                                                       "adapter_model.safetensors"]
     loaded = ResLoraModel.from_pretrained(BERT.build(), tmp_path / "adapter")
     inputs = BERT.inputs(seed=4)
     model.eval(), loaded.eval()
@@ -75,3 +76,39 @@ def test_resume_from_a_trainer_checkpoint_ends_where_an_uninterrupted_run_ends(t
         assert torch.equal(BERT.output(straight, inputs), BERT.output(resumed, inputs))
     stats = [n for n, _ in straight.named_buffers() if n.endswith("input_norms")]
     assert stats and all(torch.equal(straight.get_buffer(n), resumed.get_buffer(n)) for n in stats)
+
+
+def test_the_adapter_files_are_conventional_and_carry_the_merge_ls_fit(tmp_path):
+    model = get_reslora_model(BERT.build(), BERT.config("is", base_model_name_or_path="org/tiny-bert"))
+    trainer(model, tmp_path).train()
+    model.fit_merge_ls([BERT.inputs(seed=2)])
+    model.save_pretrained(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "RESLORA" and config["task_type"] == "SEQ_CLS" and config["variant"] == "is"
+    assert config["base_model_name_or_path"] == "org/tiny-bert" and config["library"] == "reslora"
+    assert config["chains"] == [list(c.names) for c in model.chains] and config["library_version"]
+    loaded = ResLoraModel.from_pretrained(BERT.build(), tmp_path / "adapter")
+    inputs = BERT.inputs(seed=5)
+    model.eval(), loaded.eval()
+    with torch.no_grad():  # the merge_ls fit came back with the adapter
+        assert torch.equal(BERT.output(model.merge_and_unload("merge_ls"), inputs),
+                           BERT.output(loaded.merge_and_unload("merge_ls"), inputs))
+
+
+def test_an_adapter_saved_in_the_older_layout_still_loads(tmp_path):
+    model = get_reslora_model(BERT.build(), BERT.config("bs"))
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "chains.json").write_text(json.dumps(config.pop("chains")))
+    (tmp_path / "reslora_config.json").write_text(json.dumps({k: v for k, v in config.items()
+                                                              if k not in ("peft_type", "library", "library_version",
+                                                                           "task_type", "base_model_name_or_path")}))
+    (tmp_path / "adapter_config.json").unlink()
+    assert ResLoraModel.from_pretrained(BERT.build(), tmp_path).reslora_config == model.reslora_config
+
+
+def test_a_name_that_is_neither_a_directory_nor_a_reachable_hub_repository_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base = BERT.build()
+    with pytest.raises(FileNotFoundError, match="neither a local adapter directory nor a hub repository"):
+        ResLoraModel.from_pretrained(base, "no-such-org/no-such-adapter")

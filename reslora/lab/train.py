@@ -428,6 +428,12 @@ def train_and_evaluate(cfg, run_dir: Path, record: dict, logger: RunLogger) -> N
         {mode: {split: evaluate(mode, split) for split in eval_loaders if split != "validation"}
          for mode in (modes if t.test_modes == "all" else modes[:1])})
     record["headline"] = record["final"][modes[0]]["test"][task.headline]
+    if t.save_adapter and accelerator.is_main_process:  # the selected model's adapter (and its PEFT LoRA export)
+        unwrapped.save_pretrained(run_dir / "adapter")
+        record["adapter"] = str(run_dir / "adapter")
+        if isinstance(unwrapped, ResLoraModel):
+            unwrapped.export_peft_adapter(run_dir / "adapter_peft", "plain" if modes[0] == "unmerged" else modes[0])
+            record["adapter_peft"] = str(run_dir / "adapter_peft")
     logger.log({f"test/{mode}/{k}": v for mode, m in record["final"].items() for k, v in m["test"].items()},
                total_steps)
     logger.summary({"headline": record["headline"], "best/step": best["step"],
