@@ -82,5 +82,10 @@ table1 table2 table3 table4: table%: setup ## rebuild results/tableN.md and its 
 bench: setup ## training/inference cost of every variant vs HF PEFT LoRA -> results/bench.{json,md} (about 15 min)
 	$(PY) experiments/bench.py
 
+notebooks: setup ## execute every notebook in place on the committed cpu records (their outputs then read on GitHub)
+	cd notebooks && for nb in *.ipynb; do ../$(PY) -c "import sys, nbformat; from nbclient import NotebookClient; \
+		nb = nbformat.read(sys.argv[1], 4); NotebookClient(nb, timeout=600, kernel_name='python3').execute(); \
+		nbformat.write(nb, sys.argv[1])" $$nb || exit 1; done
+
 clean-runs: ## delete run dirs and checkpoints (records under results/ stay)
 	rm -rf runs outputs multirun

@@ -91,7 +91,7 @@ def test_ablations_notebook_runs_on_the_records(ablation_records, monkeypatch):
 
 
 @needs_data
-def test_table1_with_zero_shot_reference_from_records(tmp_path):
+def test_table1_with_zero_shot_reference_from_records(tmp_path, monkeypatch):
     train(tmp_path, "-m", "experiment=table1", "scale=smoke_nlg", "task=svamp", "method=lora,zero_shot",
           "seed=0", "hydra/launcher=joblib_cpu")
     results = tmp_path / "results"
@@ -107,6 +107,7 @@ def test_table1_with_zero_shot_reference_from_records(tmp_path):
     assert "SVAMP (Acc)" in text and "svamp: 1,000 items split 700/300" in text
     assert "by part of the sweep: main grid svamp " in text and "; zero-shot svamp " in text
     assert (results / "figures" / "table1_loss_smoke.png").stat().st_size > 10_000
+    assert "2 records; tasks ['svamp']" in execute_notebook("table1.ipynb", results, monkeypatch)
 
 
 def run_record(method: str, seed: int, losses: list[float], merged_norms: list[float]) -> dict:

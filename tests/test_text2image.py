@@ -15,6 +15,7 @@ import pytest
 
 from reslora.lab.tasks.text2image import base_captions, fashion_mnist, read_idx, target_captions
 from test_platform import ROOT, train
+from test_reports import execute_notebook
 
 
 def write_idx(path, array: np.ndarray) -> None:
@@ -39,7 +40,7 @@ def test_idx_files_round_trip_and_a_missing_set_says_how_to_get_it(tmp_path):
     assert base_captions()[9] == "a photo of an ankle boot" and target_captions()[7] == "a drawing of the digit seven"
 
 
-def test_fig3_pipeline_at_smoke_scale(tmp_path):
+def test_fig3_pipeline_at_smoke_scale(tmp_path, monkeypatch):
     images, cache = tmp_path / "images", tmp_path / "cache"
     images.mkdir()
     fake_fashion(images)
@@ -68,6 +69,7 @@ def test_fig3_pipeline_at_smoke_scale(tmp_path):
         assert f"| {row} |" in text
     for name in ("fig3_curves_smoke.png", "fig3_samples_smoke.png"):
         assert (results / "figures" / name).stat().st_size > 5_000
+    assert "3 records; methods" in execute_notebook("fig3.ipynb", results, monkeypatch)
 
 
 def tiny_stable_diffusion(directory):
