@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 SCALE ?= cpu
 export DATA_MIRROR
 
-.PHONY: help setup train test test-slow check-records reproduce-lr-sweep lr-sweep merge-memory reproduce-table1 reproduce-table2 reproduce-table3 reproduce-table4 table1 table2 table3 table4 t2i-base reproduce-fig3 fig3 bench nlg-cost clean-runs
+.PHONY: help setup train test test-slow check-records reproduce-lr-sweep lr-sweep merge-memory notebooks reproduce-table1 reproduce-table2 reproduce-table3 reproduce-table4 table1 table2 table3 table4 t2i-base reproduce-fig3 fig3 bench nlg-cost clean-runs
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_% -]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-50s %s\n", $$1, $$2}'
