@@ -16,11 +16,12 @@ import numpy as np
 
 from reslora.io import atomic_path
 from reslora.lab.records import load_failures, load_records
-from reslora.lab.report import (CONTROL_ROWS, MODE_LABELS, RESLORA_ROWS, final_loss_frame, headline_frame, label,
-                            interval_comparison, lr_frame, mode_frame, mode_gaps, mode_table, ordered,
-                            paired_comparison, plot_block_norm_heatmaps,
-                            plot_curves, plot_fig3_curves, plot_grad_flow, plot_lr_sweep, LR_SWEEP_ROWS, LR_SWEEP_TASKS, lr_sweep_records, selected_rates, plot_sample_grid, record_label,
-                            summary_table, table4_records, task_column, update_size_frame)
+from reslora.lab.report import (CONTROL_ROWS, LR_SWEEP_ROWS, LR_SWEEP_TASKS, MODE_LABELS, RESLORA_ROWS,
+                                final_loss_frame, headline_frame, interval_comparison, label, lr_frame,
+                                lr_sweep_records, mode_frame, mode_gaps, mode_interval_table, mode_table, ordered,
+                                paired_comparison, plot_block_norm_heatmaps, plot_curves, plot_fig3_curves,
+                                plot_grad_flow, plot_lr_sweep, plot_sample_grid, record_label, selected_rates,
+                                summary_table, table4_records, task_column, update_size_frame)
 
 TABLE2_TASKS = {"paper": ["cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte", "stsb", "wnli"],
                 "default": ["cola", "sst2", "mrpc", "rte", "stsb"]}
@@ -297,6 +298,11 @@ def table3(results: Path, scale: str) -> Path:
         "for ms merging loses much more, and merge_bw is worse than merge_bi. Ours (paired differences):",
         "",
         *claims,
+        "",
+        "Per task, each mode against before merge (the same trained models), with the paired 95% interval over "
+        "test items and seeds (`reslora/lab/stats.py`) and the seeds on which the mode scored higher:",
+        "",
+        mode_interval_table(records, ["reslora_is", "reslora_ms"], TABLE3_MODES[1:], "unmerged", TABLE3_TASKS),
     ]
     out = results / output_name("table3", scale, ".md")
     write_markdown(out, text + failed_lines(records, results))
@@ -320,6 +326,11 @@ def table4(results: Path, scale: str) -> Path:
         "block is used); all = every previous block of the chain. Cells: test metric in %, mean ± std (n seeds).",
         "",
         summary_table(frame, methods, tasks),
+        "",
+        "Each pre_num against pre_num 0 (LoRA), paired by seed and test item: " + INTERVAL_NOTE,
+        "",
+        interval_comparison(records, tasks, [(f"reslora_{v}_pre{k}", f"reslora_{v}_pre0") for v in ("bs", "ms")
+                                             for k in pre_nums[1:]]),
         "",
         "Figures: `figures/fig4_loss_vs_prenum.png` (bs, as the paper's Fig. 4) and `fig4_loss_vs_prenum_ms.png` "
         "(train loss, moving average over 10 steps; band = min–max over seeds), `figures/fig5_norm_heatmap.png` (‖merged ResLoRA_bs block‖_F − ‖LoRA block‖_F on MRPC, "

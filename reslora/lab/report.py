@@ -173,6 +173,24 @@ def interval_comparison(records: list[dict], tasks: list[str], pairs: list[tuple
     return "\n".join(lines)
 
 
+def mode_interval_table(records: list[dict], methods: list[str], modes: list[str], reference: str,
+                        tasks: list[str]) -> str:
+    """Markdown: for each method and eval mode, (mode − ``reference`` mode) of the same trained models in points,
+    per task, with the paired 95% interval over test items and seeds (reslora.stats); — without predictions."""
+    lines = ["| method | mode − " + MODE_LABELS[reference] + " | " + " | ".join(task_column(t) for t in tasks) + " |",
+             "|---" * (len(tasks) + 2) + "|"]
+    for method in methods:
+        for mode in modes:
+            cells = []
+            for task in tasks:
+                runs = [r for r in records if r["method"] == method and r["task"] == task and mode in r["final"]]
+                d = paired_difference(runs, runs, runs[0]["headline_metric"], row_mode=mode,
+                                      baseline_mode=reference) if runs else None
+                cells.append(format_difference(d) if d else "—")
+            lines.append(f"| {label(method)} | {MODE_LABELS[mode]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def curves(records: list[dict], kind: str, metric: str | None = None) -> dict:
     """{task: {method: (steps, per-seed values array)}} for ``kind`` 'train_loss' or 'validation' (the
     headline metric in %, or ``metric`` as recorded)."""
