@@ -16,12 +16,13 @@ import numpy as np
 
 from reslora.io import atomic_path
 from reslora.lab.records import load_failures, load_records
+from reslora.lab.figures import (plot_block_norm_heatmaps, plot_curves, plot_fig3_curves, plot_grad_flow,
+                                 plot_lr_sweep, plot_sample_grid, record_label)
 from reslora.lab.report import (CONTROL_ROWS, LR_SWEEP_ROWS, LR_SWEEP_TASKS, MODE_LABELS, RESLORA_ROWS,
                                 final_loss_frame, headline_frame, interval_comparison, label, lr_frame,
                                 lr_sweep_records, mode_frame, mode_gaps, mode_interval_table, mode_table, ordered,
-                                paired_comparison, plot_block_norm_heatmaps, plot_curves, plot_fig3_curves,
-                                plot_grad_flow, plot_lr_sweep, plot_sample_grid, record_label, selected_rates,
-                                summary_table, table4_records, task_column, update_size_frame)
+                                paired_comparison, selected_rates, summary_table, table4_records, task_column,
+                                update_size_frame)
 
 TABLE2_TASKS = {"paper": ["cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte", "stsb", "wnli"],
                 "default": ["cola", "sst2", "mrpc", "rte", "stsb"]}
