@@ -357,10 +357,7 @@ class ResLoraModel(nn.Module):
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """Trainable tensors (lora_A, lora_B, modules_to_save) and the merge statistics, keyed by their
         names in the base model."""
-        state = {n: p for n, p in self.base_model.named_parameters() if p.requires_grad}
-        for name, layer in self.named_reslora_layers().items():
-            state.update({f"{name}.{b}": t for b, t in layer.named_buffers()})
-        return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        return {k: v.contiguous().cpu() for k, v in trainable_state(self.base_model).items()}
 
     def save_pretrained(self, directory: str | Path, **kwargs) -> None:
         """Save the adapter (not the base model): the name transformers and PEFT users call. ``kwargs`` that
@@ -437,6 +434,16 @@ class ResLoraModel(nn.Module):
             for name, layer in list(zip(chain.names, chain.layers))[1:]:
                 if name in heads:
                     layer.chain.split_before(layer, reason="as in the saved adapter")
+
+
+STATISTICS = (".input_norms", ".ax_norms", ".stat_count")  # the buffers of a ResLoRA layer (merge statistics)
+
+
+def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """What training changes, detached copies keyed as in ``module.state_dict()``: the trainable parameters and
+    the ResLoRA merge statistics. Works for any module (a ResLoraModel, its base model, a PEFT model)."""
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    return {n: t.detach().clone() for n, t in module.state_dict().items() if n in trainable or n.endswith(STATISTICS)}
 
 
 def get_reslora_model(base_model: nn.Module, config: ResLoraConfig) -> ResLoraModel:

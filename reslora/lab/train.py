@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ..io import atomic_path
 from ..merge import delta_norms
 from .methods import apply_method, eval_modes, evaluated_as
-from ..model import ResLoraModel, role_name
+from ..model import ResLoraModel, role_name, trainable_state
 from .records import (RecordError, cell_name, config_hash, differing_keys, environment, failure_path, identity,
                       is_dirty, publish, read_record, record_path, variant_overrides, write_record)
 from .tasks import build_task
@@ -69,13 +69,6 @@ def validate_config(cfg) -> None:
                              (" (or null)" if name != "data.val_samples" else ""))
     if not (t.max_steps or t.epochs):
         raise ValueError(f"train.max_steps={t.max_steps!r} and train.epochs={t.epochs!r}: set one of them > 0")
-
-
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    """What training changes: trainable parameters and the ResLoRA merge statistics (buffers)."""
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    stats = (".input_norms", ".ax_norms", ".stat_count")
-    return {n: t.detach().clone() for n, t in model.state_dict().items() if n in trainable or n.endswith(stats)}
 
 
 def adapter_grad_norms(model) -> dict[str, list[float]]:
