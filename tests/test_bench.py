@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from bench import BASE, BASE_CONTROL, CONTESTANTS, TARGETS  # noqa: E402
+from bench_report import BASE, BASE_CONTROL, CONTESTANTS, TARGETS  # noqa: E402
 
 
 def positive(value) -> bool:
