@@ -21,6 +21,7 @@ import os
 import platform
 import subprocess
 from pathlib import Path
+from typing import TypedDict
 
 from ..io import write_json
 
@@ -34,6 +35,58 @@ GRID_KEYS = ("task", "method", "seed", "scale", "experiment", "tag")
 # which a sweep writes to as it goes).
 CODE_PATHS = ("reslora", "experiments", "conf", "Makefile", "pyproject.toml", "requirements.txt",
               "requirements-nodeps.txt")
+
+
+class RunRecord(TypedDict, total=False):
+    """The run record: one JSON object per run (``results/records/...``), the only input of tables and figures.
+    A record of a run that did not finish holds what it got to, with ``status`` and ``error``."""
+
+    status: str                 # "ok" (published), "failed", "running"
+    error: str                  # failed runs: the exception; traceback: its traceback
+    traceback: str
+    task: str
+    method: str                 # the method's config name (the table row)
+    cell: str                   # method, or method__overrides-hash for a variant cell
+    seed: int
+    scale: str
+    tag: str                    # the experiment (table2, lr_sweep, ...)
+    overrides: list[str]        # the command line's overrides; variant_overrides: those that name the cell
+    variant_overrides: list[str]
+    choices: dict               # the config group options Hydra picked (check-records composes them again)
+    config: dict                # the composed config, resolved
+    versions: dict              # package versions
+    git: dict                   # commit, dirty, fingerprint (+ diff when dirty): provenance()
+    python: str
+    machine: str
+    cpu: str
+    cpus: int
+    is_main_process: bool
+    num_processes: int
+    assets: dict                # what a task built its base and judge from (text-to-image)
+    data_sizes: dict            # examples per split
+    data_files: dict            # mirror files read: verified, sha256, example count from the manifest
+    split_note: str             # where the splits came from, when the mirror decided them
+    trainable_params: int
+    total_params: int
+    total_steps: int
+    headline_mode: str          # the eval mode the tables report (ResLoRA: merged)
+    headline_metric: str
+    train_loss: list            # [step, loss] per optimiser step
+    eval: list                  # {step, validation: metrics} per validation
+    grad_norms: list            # {step, layers: {name: [|grad A|, |grad B|]}}
+    best: dict                  # {step, validation}: the checkpoint selected on validation
+    chain_lengths: dict         # ResLoRA: lengths of the chains per role
+    block_norms: dict           # ResLoRA: per block, |s B A| ("own") and |W* - W| ("merged")
+    final: dict                 # {mode: {split: metrics}} of the selected model on the test split(s)
+    predictions: dict           # {mode: {split: {id, prediction, label | correct}}}: per test item
+    headline: float             # final[headline_mode]["test"][headline_metric]
+    adapter: str                # train.save_adapter: where the adapter and its PEFT export were saved
+    adapter_peft: str
+    time_s: dict                # seconds by part: model_load, data, train_steps, validation, checkpoint, merge,
+                                # test/<mode>, writing, other
+    train_loop_s: float
+    wall_time_s: float
+    peak_memory_mb: float
 
 
 class RecordError(ValueError):
@@ -99,7 +152,7 @@ def failure_path(results_dir: str | Path, scale: str, tag: str, task: str, cell:
 
 
 # ---- reading -------------------------------------------------------------------------------------------------
-def read_record(path: str | Path) -> dict | None:
+def read_record(path: str | Path) -> RunRecord | None:
     """The record at ``path``; None when there is none; RecordError naming the file when it cannot be parsed."""
     try:
         record = json.loads(Path(path).read_text())
@@ -135,7 +188,7 @@ def known_stale(results_dir: str | Path) -> dict[str, str]:
 
 
 def load_records(results_dir: str | Path, scale: str, tag: str, allow_dirty: bool | None = None,
-                 variants: bool = False) -> list[dict]:
+                 variants: bool = False) -> list[RunRecord]:
     """Every published record of ``scale``/``tag`` (with ``variants``, also the cells made by extra overrides).
     Stops with RecordError, naming the files, at a record that cannot be read, is not ok, or was made from a
     tree with uncommitted changes, unless ``allow_dirty``, or the record is listed in known_stale.txt (waiting
@@ -175,7 +228,7 @@ def is_dirty(record: dict) -> bool:
 
 
 # ---- writing -------------------------------------------------------------------------------------------------
-def publish(record: dict, path: Path) -> None:
+def publish(record: RunRecord, path: Path) -> None:
     """Write an ok record to its published path, atomically; anything else is refused."""
     if record.get("status") != "ok":
         raise ValueError(f"only an ok run publishes a record; this one is {record.get('status')!r}")

@@ -32,8 +32,8 @@ from ..io import atomic_path
 from ..merge import delta_norms
 from .methods import apply_method, eval_modes, evaluated_as
 from ..model import ResLoraModel, role_name, trainable_state
-from .records import (RecordError, cell_name, config_hash, differing_keys, environment, failure_path, identity,
-                      is_dirty, publish, read_record, record_path, variant_overrides, write_record)
+from .records import (RecordError, RunRecord, cell_name, config_hash, differing_keys, environment, failure_path,
+                      identity, is_dirty, publish, read_record, record_path, variant_overrides, write_record)
 from .tasks import build_task
 from .tasks.mirror import FILES_READ
 from .wandb_logger import RunLogger, run_id
@@ -136,7 +136,7 @@ def run(cfg, overrides=(), choices: dict | None = None) -> dict:
         if cfg.skip_done:
             print(f"rerun: {published} was made " + (f"with another config ({'; '.join(differ[:10])})" if differ
                                                       else "from a tree with uncommitted changes"))
-    record = {"status": "running", "task": cfg.task.name, "method": cfg.method.name, "cell": cell, "seed": cfg.seed,
+    record: RunRecord = {"status": "running", "task": cfg.task.name, "method": cfg.method.name, "cell": cell, "seed": cfg.seed,
               "scale": cfg.scale.name, "tag": cfg.tag, "overrides": list(overrides), "variant_overrides": variants,
               "choices": dict(choices or {}), "config": config, **provenance}
     run_dir.mkdir(parents=True, exist_ok=True)
