@@ -19,17 +19,15 @@ from reslora.lab.records import load_failures, load_records
 from reslora.lab.figures import (plot_block_norm_heatmaps, plot_curves, plot_fig3_curves, plot_grad_flow,
                                  plot_lr_sweep, plot_sample_grid, record_label)
 from reslora.lab.report import (CONTROL_ROWS, LR_SWEEP_ROWS, LR_SWEEP_TASKS, MODE_LABELS, RESLORA_ROWS,
-                                final_loss_frame, headline_frame, interval_comparison, label, lr_frame,
+                                experiment_design, final_loss_frame, headline_frame, interval_comparison, label, lr_frame,
                                 lr_sweep_records, mode_frame, mode_gaps, mode_interval_table, mode_table, ordered,
                                 paired_comparison, selected_rates, summary_table, table4_records, task_column,
                                 update_size_frame)
 
-TABLE2_TASKS = {"paper": ["cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte", "stsb", "wnli"],
-                "default": ["cola", "sst2", "mrpc", "rte", "stsb"]}
+TABLE2 = experiment_design("table2")
+TABLE2_TASKS = {"paper": TABLE2["paper_tasks"], "default": TABLE2["tasks"]}
 TABLE2_ROWS = ["lora", "lora_r16", "adalora", "loha", "lokr", "reslora_is", "reslora_bs", "reslora_ms"]
-# Each ResLoRA row and the LoRA control of its deployed update size (2x: is 1.9x, bs 1.3x; 4x: ms 3.1x, measured
-# at cpu scale): the controls are not in the paper
-TABLE2_MATCHED = [("reslora_is", "lora_alpha32"), ("reslora_bs", "lora_alpha32"), ("reslora_ms", "lora_alpha64")]
+TABLE2_MATCHED = list(TABLE2["matched"].items())  # each ResLoRA row and the LoRA control of its update size
 
 
 def settings_line(records: list[dict], test: str = "GLUE dev", lr: bool = True) -> str:
@@ -161,10 +159,9 @@ def output_name(stem: str, scale: str, suffix: str) -> str:
 
 TABLE1_TASKS = ["gsm8k", "svamp", "mathqa", "metamathqa", "hellaswag"]
 TABLE1_ROWS = ["zero_shot", *TABLE2_ROWS]
-TABLE1_GRID = (["lora", "reslora_is", "reslora_bs", "reslora_ms"], ["gsm8k", "svamp", "mathqa"], 3)  # rows, tasks, seeds
-# Each ResLoRA row and the control (CONTROL_ROWS) of its effective scale: is 2x alpha, ms with pre_num 4 4x alpha;
-# bs (pre_num 1) deploys an update between LoRA's and 2x, and is compared with the 2x control
-TABLE1_MATCHED = [("reslora_is", "lora_alpha16"), ("reslora_bs", "lora_alpha16"), ("reslora_ms", "lora_alpha32")]
+TABLE1 = experiment_design("table1")
+TABLE1_GRID = (TABLE1["methods"], TABLE1["tasks"], len(TABLE1["seeds"]))  # the main grid: rows, tasks, seeds
+TABLE1_MATCHED = list(TABLE1["matched"].items())  # each ResLoRA row and the LoRA control of its scale
 LAST_STEPS = 5  # the train loss a run ends at: its mean over these last steps
 
 

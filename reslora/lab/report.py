@@ -258,14 +258,27 @@ def mode_gaps(frame: pd.DataFrame, method: str, reference: str, modes: list[str]
     return {m: float((wide[m] - wide[reference]).mean()) for m in modes if m in wide and reference in wide}
 
 
-TABLE4_FROM_TABLE2 = {"lora": ["reslora_bs_pre0", "reslora_ms_pre0"], "reslora_bs": ["reslora_bs_pre1"],
-                      "reslora_ms": ["reslora_ms_pre4"]}
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+def experiment_design(tag: str) -> dict:
+    """An experiment's grid as conf/experiment/<tag>.yaml holds it: ``tasks``, ``methods``, ``seeds`` (the sweep's
+    parameters) and its ``report`` section (how the tables read it). The one home of the experiment design."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF / "experiment" / f"{tag}.yaml"))
+    params = cfg.get("hydra", {}).get("sweeper", {}).get("params", {})
+    grid = {key: [v.strip() for v in str(params[name]).split(",")] for key, name in
+            (("tasks", "task"), ("methods", "method"), ("seeds", "seed")) if name in params}
+    return {**grid, **cfg.get("report", {})}
 
 
 def table4_records(results: Path, scale: str, allow_dirty: bool | None = None) -> list[dict]:
-    """The pre_num sweep's own records plus Table 2's runs of the same tasks renamed per TABLE4_FROM_TABLE2."""
+    """The pre_num sweep's own records plus Table 2's runs of the same tasks, renamed as table4.yaml's
+    ``report.from_table2`` says."""
+    from_table2 = experiment_design("table4")["from_table2"]
     own = load_records(results, scale, "table4", allow_dirty)
     tasks = {r["task"] for r in own}
     return own + [{**r, "method": name} for r in load_records(results, scale, "table2", allow_dirty)
                                                      if r["task"] in tasks
-                  for name in TABLE4_FROM_TABLE2.get(r["method"], [])]
+                  for name in from_table2.get(r["method"], [])]
