@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 
 from ..io import atomic_path
 from ..merge import delta_norms
-from .methods import apply_method, eval_modes, evaluated_as
 from ..model import ResLoraModel, role_name, trainable_state
+from .methods import apply_method, eval_modes, evaluated_as
 from .records import (RecordError, RunRecord, cell_name, config_hash, differing_keys, environment, failure_path,
                       identity, is_dirty, publish, read_record, record_path, variant_overrides, write_record)
 from .tasks import build_task
@@ -136,9 +136,10 @@ def run(cfg, overrides=(), choices: dict | None = None) -> dict:
         if cfg.skip_done:
             print(f"rerun: {published} was made " + (f"with another config ({'; '.join(differ[:10])})" if differ
                                                       else "from a tree with uncommitted changes"))
-    record: RunRecord = {"status": "running", "task": cfg.task.name, "method": cfg.method.name, "cell": cell, "seed": cfg.seed,
-              "scale": cfg.scale.name, "tag": cfg.tag, "overrides": list(overrides), "variant_overrides": variants,
-              "choices": dict(choices or {}), "config": config, **provenance}
+    record: RunRecord = {
+        "status": "running", "task": cfg.task.name, "method": cfg.method.name, "cell": cell, "seed": cfg.seed,
+        "scale": cfg.scale.name, "tag": cfg.tag, "overrides": list(overrides), "variant_overrides": variants,
+        "choices": dict(choices or {}), "config": config, **provenance}
     run_dir.mkdir(parents=True, exist_ok=True)
     # One launch per run dir (its main process holds the lock for all of a distributed launch's processes).
     lock = FileLock(str(run_dir / "run.lock"))
@@ -174,7 +175,7 @@ def run(cfg, overrides=(), choices: dict | None = None) -> dict:
         times["other"] = record["wall_time_s"] - sum(times.values())  # set-up, wrapping, block norms, logging
         record["peak_memory_mb"] = peak_memory_mb()
         if record.get("is_main_process", True):
-            with timed(record, "writing"):  # measured before it is written: the record's own write is not in it
+            with timed(record, "writing"):  # the run-dir copy's write time; the published copy includes it
                 write_record(record, run_dir / "record.json")
             if record["status"] == "ok":
                 publish(record, published)
@@ -265,6 +266,7 @@ def train_and_evaluate(cfg, run_dir: Path, record: dict, logger: RunLogger) -> N
     if hasattr(task, "assets"):  # what the task built its judge and base from (text2image)
         record["assets"] = task.assets()
     with timed(record, "data"):
+        FILES_READ.clear()  # a multirun worker process runs many jobs: record this run's files only
         splits = task.datasets()
     record["data_sizes"] = {name: len(ds) for name, ds in splits.items()}
     record["data_files"] = dict(FILES_READ)  # mirror files read, with their manifest's sha256 and example count
