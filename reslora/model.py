@@ -161,6 +161,11 @@ class ResLoraModel(nn.Module):
         # (our forward, generate, a direct call) gets a fresh state that is dropped when the call ends.
         self._hooks = [base_model.register_forward_pre_hook(self._slot.begin),
                        base_model.register_forward_hook(self._slot.end, always_call=True)]
+        # The wrapper's state is the adapter's (what training changes), so that a checkpoint of it (a Trainer
+        # checkpoint, torch.save(model.state_dict())) holds the adapter and not a copy of the frozen base model;
+        # model.base_model.state_dict() has everything.
+        self.register_state_dict_post_hook(_keep_adapter_state)
+        self.register_load_state_dict_post_hook(_frozen_weights_are_not_missing)
 
     def unload(self) -> nn.Module:
         """The base model as it was before wrapping (adapters dropped, not merged): its own linear layers back,
@@ -444,6 +449,23 @@ def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
     the ResLoRA merge statistics. Works for any module (a ResLoraModel, its base model, a PEFT model)."""
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     return {n: t.detach().clone() for n, t in module.state_dict().items() if n in trainable or n.endswith(STATISTICS)}
+
+
+def _frozen_names(module: ResLoraModel) -> set[str]:
+    frozen = {n for n, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return frozen | {n for n, _ in module.named_buffers(remove_duplicate=False) if not n.endswith(STATISTICS)}
+
+
+def _keep_adapter_state(module: ResLoraModel, state: dict, prefix: str, local_metadata) -> None:
+    for name in _frozen_names(module):
+        state.pop(prefix + name, None)
+
+
+def _frozen_weights_are_not_missing(module: ResLoraModel, incompatible) -> None:
+    """Loading the adapter's state alone (strict or not) reports no frozen base weight as missing."""
+    frozen = _frozen_names(module)
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys
+                                    if not any(k.split(".", i)[-1] in frozen for i in range(k.count(".") + 1))]
 
 
 def get_reslora_model(base_model: nn.Module, config: ResLoraConfig) -> ResLoraModel:

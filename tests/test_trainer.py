@@ -112,3 +112,43 @@ def test_a_name_that_is_neither_a_directory_nor_a_reachable_hub_repository_is_re
     base = BERT.build()
     with pytest.raises(FileNotFoundError, match="neither a local adapter directory nor a hub repository"):
         ResLoraModel.from_pretrained(base, "no-such-org/no-such-adapter")
+
+
+def test_a_trainer_checkpoint_holds_the_adapter_not_the_base_model(tmp_path):
+    from safetensors.torch import load_file
+
+    model = get_reslora_model(BERT.build(), BERT.config("bs", modules_to_save=["classifier"]))
+    trainer(model, tmp_path, save_steps=2).train()
+    saved = load_file(str(tmp_path / "out/checkpoint-2/model.safetensors"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and trainable <= set(saved)
+    assert all(n in trainable or n.endswith((".input_norms", ".ax_norms", ".stat_count")) for n in saved)
+    assert len(saved) < len(model.base_model.state_dict())  # the frozen base weights stay out
+
+
+def test_the_wrappers_state_dict_is_the_adapters_and_loads_strictly():
+    model = get_reslora_model(BERT.build(), BERT.config("is"))
+    state = model.state_dict()
+    assert state and all("lora_" in n or n.endswith((".input_norms", ".ax_norms", ".stat_count")) for n in state)
+    other = get_reslora_model(BERT.build(), BERT.config("is"))
+    assert other.load_state_dict(state, strict=True).missing_keys == []
+    with pytest.raises(RuntimeError, match="Missing key"):  # an adapter tensor left out is still missing
+        other.load_state_dict({k: v for k, v in list(state.items())[1:]}, strict=True)
+    full = dict(model.base_model.state_dict())
+    assert len(full) > len(state) and other.base_model.load_state_dict(full, strict=True).missing_keys == []
+
+
+def test_the_trainer_example_runs_and_its_checkpoint_is_adapter_sized(tmp_path):
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "examples" / "trainer.py"
+    done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    checkpoint, base = map(float, re.search(r"checkpoint: ([\d.]+) MiB of weights.*weights: ([\d.]+) MiB",
+                                            done.stdout).groups())
+    assert checkpoint < base / 50
+    assert float(re.search(r"max \|logit difference\| ([\d.e+-]+)", done.stdout).group(1)) < 1e-5
