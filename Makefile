@@ -35,20 +35,13 @@ reproduce-table2 reproduce-table3 reproduce-table4: reproduce-table%: setup ## a
 	$(PY) experiments/train.py -m experiment=table$* scale=$(SCALE) hydra/launcher=joblib_cpu
 	$(MAKE) table$* SCALE=$(SCALE)
 
-# Table 1 (NLG) has its own scales (smoke_nlg, cpu_nlg, paper_nlg). The main grid (LoRA r=4 and the ResLoRA
-# rows) runs 3 seeds on every task; below paper scale the other rows run one seed on SVAMP and MathQA (budget:
-# see conf/scale/cpu_nlg.yaml) and the control rows (LoRA with 2x and 4x alpha) 3 seeds on SVAMP and MathQA.
-# Zero-shot decodes greedily: one seed.
-comma := ,
-TABLE1_EXTRA = $(if $(filter paper,$(SCALE)),seed=0$(comma)1$(comma)2,task=svamp$(comma)mathqa seed=0)
-TABLE1_CONTROL = $(if $(filter paper,$(SCALE)),,task=svamp$(comma)mathqa)
+# Table 1 (NLG) has its own scales (smoke_nlg, cpu_nlg, paper_nlg). Its sweeps are conf/experiment/table1*.yaml:
+# below paper scale the main grid (table1), the zero-shot reference, the other rows and the control rows;
+# at paper scale every row on every task (table1_paper) and the zero-shot reference.
+TABLE1_SWEEPS = $(if $(filter paper,$(SCALE)),table1_paper,table1 table1_other_rows table1_controls) table1_zero_shot
 reproduce-table1: setup ## the paper's Table 1 (NLG: GSM8K, SVAMP, MathQA) at SCALE=smoke|cpu|paper; reruns only missing cells
-	$(PY) experiments/train.py -m experiment=table1 scale=$(SCALE)_nlg hydra/launcher=joblib_cpu
-	$(PY) experiments/train.py -m experiment=table1 scale=$(SCALE)_nlg hydra/launcher=joblib_cpu method=zero_shot seed=0
-	$(PY) experiments/train.py -m experiment=table1 scale=$(SCALE)_nlg hydra/launcher=joblib_cpu \
-		method=lora_r16,adalora,loha,lokr $(TABLE1_EXTRA)
-	$(PY) experiments/train.py -m experiment=table1 scale=$(SCALE)_nlg hydra/launcher=joblib_cpu \
-		method=lora_alpha16,lora_alpha32 $(TABLE1_CONTROL)
+	for sweep in $(TABLE1_SWEEPS); do \
+		$(PY) experiments/train.py -m experiment=$$sweep scale=$(SCALE)_nlg hydra/launcher=joblib_cpu || exit 1; done
 	$(MAKE) table1 SCALE=$(SCALE)
 
 reproduce-lr-sweep: setup ## LoRA and ResLoRA at 5 learning rates on SST-2 and STS-B (the centre rate from Table 2: run reproduce-table2 first); reruns only missing cells

@@ -26,7 +26,7 @@ from reslora.lab.report import (CONTROL_ROWS, LR_SWEEP_ROWS, LR_SWEEP_TASKS, MOD
 
 TABLE2 = experiment_design("table2")
 TABLE2_TASKS = {"paper": TABLE2["paper_tasks"], "default": TABLE2["tasks"]}
-TABLE2_ROWS = ["lora", "lora_r16", "adalora", "loha", "lokr", "reslora_is", "reslora_bs", "reslora_ms"]
+TABLE2_ROWS = TABLE2["methods"]  # the table's row order
 TABLE2_MATCHED = list(TABLE2["matched"].items())  # each ResLoRA row and the LoRA control of its update size
 
 
@@ -157,9 +157,8 @@ def output_name(stem: str, scale: str, suffix: str) -> str:
     return f"{stem}{'' if scale == 'cpu' else '_' + scale}{suffix}"
 
 
-TABLE1_TASKS = ["gsm8k", "svamp", "mathqa", "metamathqa", "hellaswag"]
-TABLE1_ROWS = ["zero_shot", *TABLE2_ROWS]
 TABLE1 = experiment_design("table1")
+TABLE1_TASKS, TABLE1_ROWS = TABLE1["paper_tasks"], TABLE1["rows"]  # column and row order
 TABLE1_GRID = (TABLE1["methods"], TABLE1["tasks"], len(TABLE1["seeds"]))  # the main grid: rows, tasks, seeds
 TABLE1_MATCHED = list(TABLE1["matched"].items())  # each ResLoRA row and the LoRA control of its scale
 LAST_STEPS = 5  # the train loss a run ends at: its mean over these last steps
@@ -260,12 +259,13 @@ def table2(results: Path, scale: str) -> Path:
     return out
 
 
-TABLE3_TASKS = ["mrpc", "rte", "stsb", "cola"]
+TABLE3 = experiment_design("table3")
+TABLE3_TASKS, TABLE3_ROWS = TABLE3["tasks"], TABLE3["methods"]
 TABLE3_MODES = ["unmerged", "plain", "merge_bi", "merge_bw", "merge_ls"]
 
 
 def table3(results: Path, scale: str) -> Path:
-    methods = ["reslora_is", "reslora_ms", "reslora_bs"]
+    methods = TABLE3_ROWS
     records = [r for r in records_of(results, scale, "table2")  # the ResLoRA cells of Table 2, every mode
                if r["method"] in methods and r["task"] in TABLE3_TASKS]
     frame = mode_frame(records)
@@ -312,7 +312,7 @@ def table4(results: Path, scale: str) -> Path:
     records = table4_records(results, scale, allow_dirty=ALLOW_DIRTY or None)
     frame = headline_frame(records)
     tasks = [t for t in TABLE2_TASKS["paper"] if t in set(frame["task"])]
-    pre_nums = ["0", "1", "2", "4", "-1"]
+    pre_nums = [str(k) for k in experiment_design("table4")["pre_nums"]]
     methods = [f"reslora_{v}_pre{k}" for v in ("bs", "ms") for k in pre_nums]
     text = [
         f"# Table 4 (pre_num ablation), scale `{scale}`",
@@ -427,7 +427,7 @@ def lr_sweep(results: Path, scale: str) -> Path:
     return out
 
 
-FIG3_ROWS = ["lora", "reslora_is", "reslora_bs_pre5"]
+FIG3_ROWS = experiment_design("fig3")["methods"]
 
 
 def mean_std(values: list[float]) -> str:

@@ -187,10 +187,6 @@ def mode_interval_table(records: list[dict], methods: list[str], modes: list[str
     return "\n".join(lines)
 
 
-LR_SWEEP_TASKS = ["sst2", "stsb"]
-LR_SWEEP_ROWS = ["lora", "reslora_is", "reslora_bs", "reslora_ms"]
-
-
 def lr_sweep_records(results: Path, scale: str, allow_dirty: bool | None = None) -> tuple[list[dict], list[dict]]:
     """The learning-rate sweep's own records (variant cells) and Table 2's records of its rows and tasks (the
     centre rate, same configuration)."""
@@ -271,6 +267,10 @@ def experiment_design(tag: str) -> dict:
     grid = {key: [v.strip() for v in str(params[name]).split(",")] for key, name in
             (("tasks", "task"), ("methods", "method"), ("seeds", "seed")) if name in params}
     return {**grid, **cfg.get("report", {})}
+
+
+LR_SWEEP = experiment_design("lr_sweep")
+LR_SWEEP_TASKS, LR_SWEEP_ROWS = LR_SWEEP["tasks"], LR_SWEEP["methods"]
 
 
 def table4_records(results: Path, scale: str, allow_dirty: bool | None = None) -> list[dict]:
