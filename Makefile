@@ -63,7 +63,7 @@ reproduce-fig3: setup ## the paper's Fig. 3 (text-to-image: LoRA vs ResLoRA_is/_
 fig3: setup ## rebuild results/fig3.md, figures/fig3_samples.png and fig3_curves.png from the run records
 	$(PY) experiments/tables.py fig3 --scale $(SCALE)
 
-merge-memory: setup ## peak memory of a merged evaluation, copied vs in place (SmolLM2-135M, a 0.9B random LLaMA) -> results/merge_memory.{json,md}
+merge-memory: setup ## peak memory of a merged evaluation, copied vs in place (SmolLM2-135M, a 0.9B random LLaMA) -> results/merge_memory.{json,md} and its section of results/bench.md
 	$(PY) experiments/merge_memory.py
 
 nlg-cost: setup ## seconds per training step and per generated batch of SmolLM2-135M -> results/nlg_cost.{json,md}

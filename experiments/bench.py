@@ -344,6 +344,14 @@ def machine() -> dict:
             "git_commit": (env["git"]["commit"] or "")[:7], "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
+def write_report(out: Path) -> None:
+    """bench.md from bench.json, with the merged-evaluation memory of merge_memory.json where it exists."""
+    report = json.loads((out / "bench.json").read_text())
+    merge_memory = out / "merge_memory.json"
+    with atomic_path(out / "bench.md") as tmp:
+        tmp.write_text(markdown(report, json.loads(merge_memory.read_text()) if merge_memory.is_file() else None))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes and few rounds: checks that it works")
@@ -356,7 +364,11 @@ def main(argv=None) -> int:
     parser.add_argument("--smollm2-layers", type=int, default=None,
                         help="keep only the first N of SmolLM2's 30 layers (default: all)")
     parser.add_argument("--only", choices=["minilm", "smollm2"], action="append", help="run only these workloads")
+    parser.add_argument("--report-only", action="store_true", help="rebuild bench.md from bench.json, measure nothing")
     args = parser.parse_args(argv)
+    if args.report_only:
+        write_report(args.out)
+        return 0
     defaults = dict(rounds=(1, 12), infer_rounds=(1, 15), warmup=(1, 2), merge_repeats=(1, 3))
     for name, (quick, full) in defaults.items():
         if getattr(args, name) is None:
@@ -394,8 +406,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with atomic_path(args.out / "bench.json") as tmp:
         tmp.write_text(json.dumps(report, indent=1) + "\n")
-    with atomic_path(args.out / "bench.md") as tmp:
-        tmp.write_text(markdown(report))
+    write_report(args.out)
     missed = [t for t in report["targets"] if not t["met"]]
     print(f"wrote {args.out / 'bench.json'} and bench.md in {meta['wall_s']:.0f}s; "
           f"{len(report['targets']) - len(missed)}/{len(report['targets'])} targets met", flush=True)

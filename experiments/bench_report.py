@@ -132,7 +132,33 @@ def reading(report: dict) -> list[str]:
     return lines
 
 
-def markdown(report: dict) -> str:
+MERGE_MODES = ("merge_bi", "plain")  # the modes experiments/merge_memory.py measures
+
+
+def merge_memory_lines(report: dict) -> list[str]:
+    """The method and table of ``make merge-memory`` (results/merge_memory.json)."""
+    gib = 2 ** 30
+    lines = ["Built by `make merge-memory` (`experiments/merge_memory.py`). Peak of the running sum of CPU "
+             "allocations minus frees during one evaluation (merge, then one forward of 1 x 128 tokens, eval mode, "
+             "no grad), above what was live before it; measured with torch.profiler as `bench.py` measures a "
+             "training step. Adapters: r=4 on q_proj and v_proj, pre_num 1. Merged copy: `merge_and_unload`; "
+             "in place: `with model.merged(mode):`, as the training loop evaluates.",
+             f"Machine: {report['machine']['cpu']}, torch {report['machine']['torch']}.", "",
+             "| model | variant | model size | target weights | forward alone | mode | merged copy | in place | "
+             "in place − forward |", "|---" * 9 + "|"]
+    for r in report["rows"]:
+        for mode in MERGE_MODES:
+            lines.append(
+                f"| {r['model']} ({r['parameters'] / 1e6:.0f}M) | {r['variant']} | {r['model_bytes'] / gib:.2f} GiB | "
+                f"{r['target_bytes'] / gib:.3f} GiB | {r['forward_peak_bytes'] / gib:.3f} GiB | {mode} | "
+                f"{r[f'{mode}_copy_peak_bytes'] / gib:.3f} GiB | {r[f'{mode}_in_place_peak_bytes'] / gib:.3f} GiB | "
+                f"{(r[f'{mode}_in_place_peak_bytes'] - r['forward_peak_bytes']) / r['target_bytes']:.2f}x targets |")
+    return lines
+
+
+def markdown(report: dict, merge_memory: dict | None = None) -> str:
+    """results/bench.md: the bench's report, and the merged-evaluation memory of ``make merge-memory`` when
+    it has been measured."""
     meta = report["meta"]
     lines = [
         "# Cost of training and inference: ResLoRA variants vs HF PEFT LoRA",
@@ -222,4 +248,6 @@ def markdown(report: dict) -> str:
                          f"{m['mode']} | {m['merge_s']:.3f} | {i['forward_s']:.4f} | {i['tokens_per_s']:.0f} | "
                          f"{i['aten_ops']:,d} |")
     lines += ["", "## Reading this run", "", *reading(report)]
+    if merge_memory:
+        lines += ["", "## Peak memory of a merged evaluation", "", *merge_memory_lines(merge_memory)]
     return "\n".join(lines) + "\n"

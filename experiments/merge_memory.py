@@ -19,12 +19,12 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import machine, profile_run, tensor_bytes  # noqa: E402
+from bench import machine, profile_run, tensor_bytes, write_report  # noqa: E402
+from bench_report import MERGE_MODES, merge_memory_lines  # noqa: E402
 
 from reslora import ResLoraConfig, get_reslora_model  # noqa: E402
 from reslora.io import write_json  # noqa: E402
 
-MODES = ("merge_bi", "plain")
 
 
 def larger_llama() -> torch.nn.Module:
@@ -66,30 +66,14 @@ def measure(name: str, base: torch.nn.Module, variant: str) -> dict:
             model(input_ids=ids, use_cache=False)
 
     row["forward_peak_bytes"] = profile_run(forward_only)[0]
-    for mode in MODES:
+    for mode in MERGE_MODES:
         row[f"{mode}_copy_peak_bytes"] = profile_run(lambda: copied(mode))[0]
         row[f"{mode}_in_place_peak_bytes"] = profile_run(lambda: in_place(mode))[0]
     return row
 
 
 def markdown(report: dict) -> str:
-    gib = 2 ** 30
-    lines = ["# Peak memory of a merged evaluation", "",
-             "Built by `make merge-memory` (`experiments/merge_memory.py`). Peak of the running sum of CPU "
-             "allocations minus frees during one evaluation (merge, then one forward of 1 x 128 tokens, eval mode, "
-             "no grad), above what was live before it; measured with torch.profiler as `bench.py` measures a "
-             "training step. Adapters: r=4 on q_proj and v_proj, pre_num 1.",
-             f"Machine: {report['machine']['cpu']}, torch {report['machine']['torch']}.", "",
-             "| model | variant | model size | target weights | forward alone | mode | merged copy | in place | "
-             "in place − forward |", "|---" * 9 + "|"]
-    for r in report["rows"]:
-        for mode in MODES:
-            lines.append(
-                f"| {r['model']} ({r['parameters'] / 1e6:.0f}M) | {r['variant']} | {r['model_bytes'] / gib:.2f} GiB | "
-                f"{r['target_bytes'] / gib:.3f} GiB | {r['forward_peak_bytes'] / gib:.3f} GiB | {mode} | "
-                f"{r[f'{mode}_copy_peak_bytes'] / gib:.3f} GiB | {r[f'{mode}_in_place_peak_bytes'] / gib:.3f} GiB | "
-                f"{(r[f'{mode}_in_place_peak_bytes'] - r['forward_peak_bytes']) / r['target_bytes']:.2f}x targets |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(["# Peak memory of a merged evaluation", "", *merge_memory_lines(report)]) + "\n"
 
 
 def main(argv=None) -> None:
@@ -105,6 +89,8 @@ def main(argv=None) -> None:
     report = {"machine": machine(), "rows": rows}
     write_json(args.out / "merge_memory.json", report)
     (args.out / "merge_memory.md").write_text(markdown(report))
+    if (args.out / "bench.json").is_file():  # bench.md shows these figures too
+        write_report(args.out)
     print(markdown(report))
 
 

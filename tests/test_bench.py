@@ -51,3 +51,10 @@ def test_quick_bench_reports_every_contestant(tmp_path):
     text = (tmp_path / "bench.md").read_text()
     assert "thread" in text and "Load average" in text
     assert all(c.label in text for c in CONTESTANTS)
+    # bench.md is rebuilt from bench.json alone, with the merged-evaluation memory where it was measured
+    (tmp_path / "merge_memory.json").write_text((ROOT / "results" / "merge_memory.json").read_text())
+    rebuilt = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench.py"), "--report-only", "--out",
+                              str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert rebuilt.returncode == 0, rebuilt.stderr[-2000:]
+    text = (tmp_path / "bench.md").read_text()
+    assert "## Peak memory of a merged evaluation" in text and "| random LLaMA (954M) | is |" in text

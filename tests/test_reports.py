@@ -71,6 +71,7 @@ def ablation_records(tmp_path_factory):
     return tmp / "results"
 
 
+@pytest.mark.slow  # a sweep of its own: make test-slow
 @needs_data
 def test_ablation_tables_and_figures_from_records(ablation_records):
     table3, table4 = build_table("table3", ablation_records), build_table("table4", ablation_records)
@@ -84,12 +85,14 @@ def test_ablation_tables_and_figures_from_records(ablation_records):
         assert (ablation_records / "figures" / name).stat().st_size > 10_000
 
 
+@pytest.mark.slow  # a sweep of its own: make test-slow
 @needs_data
 def test_ablations_notebook_runs_on_the_records(ablation_records, monkeypatch):
     printed = execute_notebook("ablations.ipynb", ablation_records, monkeypatch)
     assert "table3: 3 records, table4: 5 records" in printed and "reslora_is vs before merge" in printed
 
 
+@pytest.mark.slow  # a sweep of its own: make test-slow
 @needs_data
 def test_table1_with_zero_shot_reference_from_records(tmp_path, monkeypatch):
     train(tmp_path, "-m", "experiment=table1", "scale=smoke_nlg", "task=svamp", "method=lora,zero_shot",
@@ -145,6 +148,7 @@ def lr_sweep_records(tmp_path_factory):
     return tmp / "results"
 
 
+@pytest.mark.slow  # a sweep of its own: make test-slow
 @needs_data
 def test_lr_sweep_table_selects_on_validation_and_compares_at_the_selected_rates(lr_sweep_records):
     text = build_table("lr_sweep", lr_sweep_records)
@@ -163,6 +167,7 @@ def test_lr_sweep_table_selects_on_validation_and_compares_at_the_selected_rates
     assert (lr_sweep_records / "figures" / "lr_sweep_smoke.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow  # a sweep of its own: make test-slow
 @needs_data
 def test_lr_sweep_notebook_runs_on_the_records(lr_sweep_records, monkeypatch):
     assert "8 records (4 own, 4 from Table 2)" in execute_notebook("lr_sweep.ipynb", lr_sweep_records, monkeypatch)

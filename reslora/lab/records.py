@@ -39,9 +39,10 @@ CODE_PATHS = ("reslora", "experiments", "conf", "Makefile", "pyproject.toml", "r
 
 class RunRecord(TypedDict, total=False):
     """The run record: one JSON object per run (``results/records/...``), the only input of tables and figures.
-    A record of a run that did not finish holds what it got to, with ``status`` and ``error``."""
+    Written once, when the run ends (``reslora.lab.train.run``). A run that did not finish has its identity,
+    provenance and times, with ``status`` "failed", ``error`` and ``traceback``."""
 
-    status: str                 # "ok" (published), "failed", "running"
+    status: str                 # "ok" (published) or "failed"
     error: str                  # failed runs: the exception; traceback: its traceback
     traceback: str
     task: str

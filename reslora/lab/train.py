@@ -136,10 +136,6 @@ def run(cfg, overrides=(), choices: dict | None = None) -> dict:
         if cfg.skip_done:
             print(f"rerun: {published} was made " + (f"with another config ({'; '.join(differ[:10])})" if differ
                                                       else "from a tree with uncommitted changes"))
-    record: RunRecord = {
-        "status": "running", "task": cfg.task.name, "method": cfg.method.name, "cell": cell, "seed": cfg.seed,
-        "scale": cfg.scale.name, "tag": cfg.tag, "overrides": list(overrides), "variant_overrides": variants,
-        "choices": dict(choices or {}), "config": config, **provenance}
     run_dir.mkdir(parents=True, exist_ok=True)
     # One launch per run dir (its main process holds the lock for all of a distributed launch's processes).
     lock = FileLock(str(run_dir / "run.lock"))
@@ -158,24 +154,27 @@ def run(cfg, overrides=(), choices: dict | None = None) -> dict:
                        tags=[cfg.task.name, cfg.method.name, cfg.method.get("variant", cfg.method.kind),
                              cfg.scale.name, cfg.tag])
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_on_sigterm)
-    start = time.time()
+    start, times = time.time(), {}
     try:
         validate_config(cfg)
-        train_and_evaluate(cfg, run_dir, record, logger)
-        record["status"] = "ok"
+        outcome = {"status": "ok", **train_and_evaluate(cfg, config, run_dir, times, logger)}
     except BaseException as error:
-        record.update(status="failed", error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc())
+        outcome = {"status": "failed", "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
         if not cfg.continue_on_failure or isinstance(error, (KeyboardInterrupt, SystemExit)):
             raise
-        print(f"run failed, continuing: {record['error']}")
+        print(f"run failed, continuing: {outcome['error']}")
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
-        record["wall_time_s"] = time.time() - start
-        times = record.setdefault("time_s", {})
-        times["other"] = record["wall_time_s"] - sum(times.values())  # set-up, wrapping, block norms, logging
-        record["peak_memory_mb"] = peak_memory_mb()
-        if record.get("is_main_process", True):
-            with timed(record, "writing"):  # the run-dir copy's write time; the published copy includes it
+        wall_time = time.time() - start
+        times["other"] = wall_time - sum(times.values())  # set-up, wrapping, block norms, logging
+        # The record, written once: what the run is (cell, config, provenance) and what it computed (or its error).
+        record: RunRecord = {
+            "status": outcome["status"], "task": cfg.task.name, "method": cfg.method.name, "cell": cell, "seed": cfg.seed, "scale": cfg.scale.name,
+            "tag": cfg.tag, "overrides": list(overrides), "variant_overrides": variants,
+            "choices": dict(choices or {}), "config": config, **provenance, **outcome,
+            "time_s": times, "wall_time_s": wall_time, "peak_memory_mb": peak_memory_mb()}
+        if record.get("is_main_process", int(os.environ.get("RANK", 0)) == 0):
+            with timed(times, "writing"):  # the run-dir copy's write time; the published copy includes it
                 write_record(record, run_dir / "record.json")
             if record["status"] == "ok":
                 publish(record, published)
@@ -210,13 +209,12 @@ def peak_memory_mb() -> float:
 
 
 @contextmanager
-def timed(record: dict, part: str):
-    """Add the block's wall time to ``record['time_s'][part]``: where a run's time goes."""
+def timed(times: dict, part: str):
+    """Add the block's wall time to ``times[part]``: where a run's time goes (the record's ``time_s``)."""
     start = time.time()
     try:
         yield
     finally:
-        times = record.setdefault("time_s", {})
         times[part] = times.get(part, 0.0) + time.time() - start
 
 
@@ -229,23 +227,25 @@ def split_predictions(final: dict) -> tuple[dict, dict]:
     return metrics, items
 
 
-def evaluate_base(cfg, task, model, splits, accelerator, record: dict, logger: RunLogger) -> None:
+def evaluate_base(cfg, task, model, splits, accelerator, logger: RunLogger) -> RunRecord:
     """The reference row (method kind ``none``, e.g. zero-shot): the base model as it is, on the test
     split(s), without training."""
     model.requires_grad_(False)
     loaders = {name: DataLoader(ds, batch_size=cfg.train.eval_batch_size, collate_fn=task.collate())
                for name, ds in splits.items() if name.startswith("test")}
     model, *prepared = accelerator.prepare(model, *loaders.values())
-    record.update(trainable_params=0, total_params=sum(p.numel() for p in model.parameters()), total_steps=0,
-                  headline_mode="unmerged", headline_metric=task.headline, train_loss=[], eval=[], grad_norms=[],
-                  train_loop_s=0.0)
-    record["final"], record["predictions"] = split_predictions(
+    final, predictions = split_predictions(
         {"unmerged": {name: task.evaluate(model, loader, accelerator) for name, loader in zip(loaders, prepared)}})
-    record["headline"] = record["final"]["unmerged"]["test"][task.headline]
-    logger.summary({"headline": record["headline"]})
+    headline = final["unmerged"]["test"][task.headline]
+    logger.summary({"headline": headline})
+    return {"trainable_params": 0, "total_params": sum(p.numel() for p in model.parameters()), "total_steps": 0,
+            "headline_mode": "unmerged", "headline_metric": task.headline, "train_loss": [], "eval": [],
+            "grad_norms": [], "train_loop_s": 0.0, "final": final, "predictions": predictions, "headline": headline}
 
 
-def train_and_evaluate(cfg, run_dir: Path, record: dict, logger: RunLogger) -> None:
+def train_and_evaluate(cfg, config: dict, run_dir: Path, times: dict, logger: RunLogger) -> RunRecord:
+    """Train, select on validation, test: what the run computed (the record's fields after its identity and
+    provenance). ``times``: seconds by part, filled as the run goes (the record's ``time_s``)."""
     t = cfg.train
     torch.set_num_threads(cfg.threads)
     # The console shows the run's own progress: no per-dataset Map bars, no load report of the expected new head.
@@ -255,33 +255,30 @@ def train_and_evaluate(cfg, run_dir: Path, record: dict, logger: RunLogger) -> N
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=t.grad_accum,
                               mixed_precision=t.mixed_precision,
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
-    record["is_main_process"] = accelerator.is_main_process
-    record["num_processes"] = accelerator.num_processes
 
     # Data and model. The adapter's initialisation depends on the seed only, not on data loading.
     task = build_task(cfg)
     set_seed(cfg.seed)
-    with timed(record, "model_load"):
+    with timed(times, "model_load"):
         base = task.load_model(cfg.model)
-    if hasattr(task, "assets"):  # what the task built its judge and base from (text2image)
-        record["assets"] = task.assets()
-    with timed(record, "data"):
+    with timed(times, "data"):
         FILES_READ.clear()  # a multirun worker process runs many jobs: record this run's files only
         splits = task.datasets()
-    record["data_sizes"] = {name: len(ds) for name, ds in splits.items()}
-    record["data_files"] = dict(FILES_READ)  # mirror files read, with their manifest's sha256 and example count
-    if getattr(task, "split_note", None):  # where the splits came from, when the mirror decided them
-        record["split_note"] = task.split_note
+    setup: RunRecord = {
+        "is_main_process": accelerator.is_main_process, "num_processes": accelerator.num_processes,
+        **({"assets": task.assets()} if hasattr(task, "assets") else {}),  # what text2image built its judge from
+        "data_sizes": {name: len(ds) for name, ds in splits.items()},
+        "data_files": dict(FILES_READ),  # mirror files read, with their manifest's sha256 and example count
+        **({"split_note": task.split_note} if getattr(task, "split_note", None) else {})}  # when the mirror split
     if cfg.method.kind == "none":
-        return evaluate_base(cfg, task, base, splits, accelerator, record, logger)
+        return {**setup, **evaluate_base(cfg, task, base, splits, accelerator, logger)}
     steps_per_epoch = math.ceil(len(splits["train"]) / (t.batch_size * t.grad_accum * accelerator.num_processes))
     total_steps = t.max_steps or t.epochs * steps_per_epoch
     set_seed(cfg.seed)
     model = apply_method(base, cfg.method, cfg.model, total_steps)
     modes = eval_modes(cfg.method)
-    record["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    record["total_params"] = sum(p.numel() for p in model.parameters())
-    record.update(total_steps=total_steps, headline_mode=modes[0], headline_metric=task.headline)
+    trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total_params = sum(p.numel() for p in model.parameters())
 
     # Optimiser: AdamW on the trainable tensors, linear warmup and decay.
     params = [p for p in model.parameters() if p.requires_grad]
@@ -313,9 +310,9 @@ def train_and_evaluate(cfg, run_dir: Path, record: dict, logger: RunLogger) -> N
         'validation' or 'test/<mode>'."""
         part = "validation" if split == "validation" else f"test/{mode}"
         with ExitStack() as stack:
-            with timed(record, "merge"):
+            with timed(times, "merge"):
                 evaluated = stack.enter_context(evaluated_as(unwrapped, mode, calibration_batches))
-            with timed(record, part):
+            with timed(times, part):
                 metrics = task.evaluate(evaluated, eval_loaders[split], accelerator)
         model.train()
         return metrics
@@ -330,7 +327,7 @@ def train_and_evaluate(cfg, run_dir: Path, record: dict, logger: RunLogger) -> N
         except Exception as error:  # a truncated or foreign file: say which, and how to go on
             raise ValueError(f"{checkpoint} cannot be read as a checkpoint ({type(error).__name__}: {error}); "
                              "delete it to start this run afresh") from error
-        differ = differing_keys(identity(saved["config"]), identity(record["config"]))
+        differ = differing_keys(identity(saved["config"]), identity(config))
         if differ:
             raise ValueError(f"{checkpoint} belongs to a run with another config ({'; '.join(differ[:10])}); delete "
                              "it to start afresh")
@@ -343,7 +340,7 @@ def train_and_evaluate(cfg, run_dir: Path, record: dict, logger: RunLogger) -> N
     def save_checkpoint():
         if accelerator.is_main_process:
             with atomic_path(checkpoint) as tmp:
-                torch.save({"config": record["config"], "model": trainable_state(unwrapped),
+                torch.save({"config": config, "model": trainable_state(unwrapped),
                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                             "progress": progress, "rng": rng_state()}, tmp)
         accelerator.wait_for_everyone()
@@ -398,38 +395,40 @@ def train_and_evaluate(cfg, run_dir: Path, record: dict, logger: RunLogger) -> N
             logger.log({f"validation/{k}": v for k, v in metrics.items()}, step)
             if progress["best"] is None or metrics[task.headline] > progress["best"]["validation"][task.headline]:
                 progress["best"] = {"step": step, "validation": metrics, "state": trainable_state(unwrapped)}
-            with timed(record, "checkpoint"):
+            with timed(times, "checkpoint"):
                 save_checkpoint()
             if step == cfg.debug.kill_at_step:  # tests: a kill right after a checkpoint, as a crash would
                 os.kill(os.getpid(), getattr(signal, f"SIG{cfg.debug.kill_signal}"))
     bar.close()
-    record["train_loop_s"] = time.time() - loop_start  # this process's share, after any resume
-    times = record["time_s"]
-    times["train_steps"] = record["train_loop_s"] - times.get("validation", 0.0) - times.get("checkpoint", 0.0) \
+    train_loop_s = time.time() - loop_start  # this process's share, after any resume
+    times["train_steps"] = train_loop_s - times.get("validation", 0.0) - times.get("checkpoint", 0.0) \
         - times.get("merge", 0.0)
 
     # Final evaluation: the model selected on validation, on the test split(s), in every eval mode.
     best = progress["best"]
     unwrapped.load_state_dict(best["state"], strict=False)
-    record.update(train_loss=progress["train_loss"], eval=progress["eval"], grad_norms=progress["grad_norms"],
-                  best={"step": best["step"], "validation": best["validation"]})
+    adapted: RunRecord = {}  # ResLoRA: chains per role (after any split at the first forward), merged block norms
     if isinstance(unwrapped, ResLoraModel):
-        record["chain_lengths"] = {}  # per role, after any split at the first forward
+        adapted["chain_lengths"] = {}
         for chain in unwrapped.chains:
-            record["chain_lengths"].setdefault(role_name(chain.names[0]), []).append(len(chain.layers))
-        record["block_norms"] = delta_norms(unwrapped, "plain" if modes[0] == "unmerged" else modes[0])
-        logger.summary({f"block_norm/{name}": norms["merged"] for name, norms in record["block_norms"].items()})
-    record["final"], record["predictions"] = split_predictions(
+            adapted["chain_lengths"].setdefault(role_name(chain.names[0]), []).append(len(chain.layers))
+        adapted["block_norms"] = delta_norms(unwrapped, "plain" if modes[0] == "unmerged" else modes[0])
+        logger.summary({f"block_norm/{name}": norms["merged"] for name, norms in adapted["block_norms"].items()})
+    final, predictions = split_predictions(
         {mode: {split: evaluate(mode, split) for split in eval_loaders if split != "validation"}
          for mode in (modes if t.test_modes == "all" else modes[:1])})
-    record["headline"] = record["final"][modes[0]]["test"][task.headline]
+    headline = final[modes[0]]["test"][task.headline]
     if t.save_adapter and accelerator.is_main_process:  # the selected model's adapter (and its PEFT LoRA export)
         unwrapped.save_pretrained(run_dir / "adapter")
-        record["adapter"] = str(run_dir / "adapter")
+        adapted["adapter"] = str(run_dir / "adapter")
         if isinstance(unwrapped, ResLoraModel):
             unwrapped.export_peft_adapter(run_dir / "adapter_peft", "plain" if modes[0] == "unmerged" else modes[0])
-            record["adapter_peft"] = str(run_dir / "adapter_peft")
-    logger.log({f"test/{mode}/{k}": v for mode, m in record["final"].items() for k, v in m["test"].items()},
-               total_steps)
-    logger.summary({"headline": record["headline"], "best/step": best["step"],
+            adapted["adapter_peft"] = str(run_dir / "adapter_peft")
+    logger.log({f"test/{mode}/{k}": v for mode, m in final.items() for k, v in m["test"].items()}, total_steps)
+    logger.summary({"headline": headline, "best/step": best["step"],
                     **{f"best/validation/{k}": v for k, v in best["validation"].items() if isinstance(v, (int, float))}})
+    return {**setup, "trainable_params": trainable_params, "total_params": total_params, "total_steps": total_steps,
+            "headline_mode": modes[0], "headline_metric": task.headline, "train_loss": progress["train_loss"],
+            "eval": progress["eval"], "grad_norms": progress["grad_norms"],
+            "best": {"step": best["step"], "validation": best["validation"]}, **adapted, "final": final,
+            "predictions": predictions, "headline": headline, "train_loop_s": train_loop_s}
