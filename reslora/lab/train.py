@@ -122,20 +122,9 @@ def run(cfg, overrides=(), choices: dict | None = None) -> dict:
     run_dir = Path(cfg.runs_dir, cfg.scale.name, cfg.tag, cfg.task.name, cell, f"seed{cfg.seed}",
                    f"config-{config_hash(identity(config))}")
     provenance = environment()
-    try:
-        existing = read_record(published)
-    except RecordError as error:
-        print(f"rerun: {error}")
-        existing = None
-    if existing is not None:
-        differ = differing_keys(identity(existing["config"]), identity(config))
-        stale = differ or (is_dirty(existing) and not is_dirty(provenance))  # a clean rerun replaces a dirty one
-        if cfg.skip_done and not stale:
-            print(f"skip: {published} exists with this config")
-            return {"status": "skipped", "record": str(published)}
-        if cfg.skip_done:
-            print(f"rerun: {published} was made " + (f"with another config ({'; '.join(differ[:10])})" if differ
-                                                      else "from a tree with uncommitted changes"))
+    if cfg.skip_done and already_done(published, config, provenance):
+        print(f"skip: {published} exists with this config")
+        return {"status": "skipped", "record": str(published)}
     run_dir.mkdir(parents=True, exist_ok=True)
     # One launch per run dir (its main process holds the lock for all of a distributed launch's processes).
     lock = FileLock(str(run_dir / "run.lock"))
@@ -169,24 +158,48 @@ def run(cfg, overrides=(), choices: dict | None = None) -> dict:
         times["other"] = wall_time - sum(times.values())  # set-up, wrapping, block norms, logging
         # The record, written once: what the run is (cell, config, provenance) and what it computed (or its error).
         record: RunRecord = {
-            "status": outcome["status"], "task": cfg.task.name, "method": cfg.method.name, "cell": cell, "seed": cfg.seed, "scale": cfg.scale.name,
-            "tag": cfg.tag, "overrides": list(overrides), "variant_overrides": variants,
-            "choices": dict(choices or {}), "config": config, **provenance, **outcome,
-            "time_s": times, "wall_time_s": wall_time, "peak_memory_mb": peak_memory_mb()}
+            "status": outcome["status"], "task": cfg.task.name, "method": cfg.method.name, "cell": cell,
+            "seed": cfg.seed, "scale": cfg.scale.name, "tag": cfg.tag, "overrides": list(overrides),
+            "variant_overrides": variants, "choices": dict(choices or {}), "config": config, **provenance,
+            **outcome, "time_s": times, "wall_time_s": wall_time, "peak_memory_mb": peak_memory_mb()}
         if record.get("is_main_process", int(os.environ.get("RANK", 0)) == 0):
-            with timed(times, "writing"):  # the run-dir copy's write time; the published copy includes it
-                write_record(record, run_dir / "record.json")
-            if record["status"] == "ok":
-                publish(record, published)
-                failure.unlink(missing_ok=True)
-            else:
-                write_record(record, failure)
-            logger.artifact(run_dir / "record.json", f"record-{run_id(run_dir)}")
-            print(summary_line(record, published if record["status"] == "ok" else failure))
+            write_outcome(record, run_dir, published, failure, logger)
         logger.finish()
         if lock.is_locked:
             lock.release()
     return record
+
+
+def already_done(published: Path, config: dict, provenance: dict) -> bool:
+    """Whether the published record of this cell was made with this config from a clean tree (else it is rerun:
+    a clean rerun replaces a dirty record); says why when it is not."""
+    try:
+        existing = read_record(published)
+    except RecordError as error:
+        print(f"rerun: {error}")
+        return False
+    if existing is None:
+        return False
+    differ = differing_keys(identity(existing["config"]), identity(config))
+    if differ or (is_dirty(existing) and not is_dirty(provenance)):
+        print(f"rerun: {published} was made " + (f"with another config ({'; '.join(differ[:10])})" if differ
+                                                  else "from a tree with uncommitted changes"))
+        return False
+    return True
+
+
+def write_outcome(record: RunRecord, run_dir: Path, published: Path, failure: Path, logger: RunLogger) -> None:
+    """The run dir's copy of the record; then an ok record is published (and any earlier failure of the cell
+    removed), any other goes to results/failures/. The console's last line says which and where."""
+    with timed(record["time_s"], "writing"):  # the run-dir copy's write time; the published copy includes it
+        write_record(record, run_dir / "record.json")
+    if record["status"] == "ok":
+        publish(record, published)
+        failure.unlink(missing_ok=True)
+    else:
+        write_record(record, failure)
+    logger.artifact(run_dir / "record.json", f"record-{run_id(run_dir)}")
+    print(summary_line(record, published if record["status"] == "ok" else failure))
 
 
 def summary_line(record: dict, path: Path) -> str:
