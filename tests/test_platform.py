@@ -93,7 +93,7 @@ def test_smoke_multirun_over_two_methods_writes_two_records(tmp_path):
 
 
 @needs_data
-@pytest.mark.parametrize("signal_name", ["KILL", "TERM"])
+@pytest.mark.parametrize("signal_name", ["KILL", pytest.param("TERM", marks=pytest.mark.slow)])  # TERM: make test-slow
 def test_a_killed_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path, signal_name):
     args = ("task=mrpc", "method=reslora_ms", "train.max_steps=6", "train.eval_every=2", "model.modules_to_save=[]")
     train(tmp_path / "straight", *args)

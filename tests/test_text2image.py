@@ -40,6 +40,7 @@ def test_idx_files_round_trip_and_a_missing_set_says_how_to_get_it(tmp_path):
     assert base_captions()[9] == "a photo of an ankle boot" and target_captions()[7] == "a drawing of the digit seven"
 
 
+@pytest.mark.slow  # pretrains a base and runs the Fig. 3 sweep: make test-slow
 def test_fig3_pipeline_at_smoke_scale(tmp_path, monkeypatch):
     images, cache = tmp_path / "images", tmp_path / "cache"
     images.mkdir()
