@@ -171,3 +171,9 @@ def test_lr_sweep_table_selects_on_validation_and_compares_at_the_selected_rates
 @needs_data
 def test_lr_sweep_notebook_runs_on_the_records(lr_sweep_records, monkeypatch):
     assert "8 records (4 own, 4 from Table 2)" in execute_notebook("lr_sweep.ipynb", lr_sweep_records, monkeypatch)
+
+
+def test_a_row_listed_twice_in_the_order_is_shown_once():
+    from reslora.lab.report import ordered
+
+    assert ordered({"b", "a", "z"}, ["a", "b", "a", "b"]) == ["a", "b", "z"]

@@ -75,7 +75,8 @@ def update_size_frame(records: list[dict], baseline: str = "lora") -> pd.DataFra
 
 
 def ordered(values, order) -> list:
-    return [v for v in order if v in values] + sorted(v for v in values if v not in order)
+    """``values`` in the order of ``order`` (each once), then the others sorted."""
+    return [v for v in dict.fromkeys(order) if v in values] + sorted(v for v in values if v not in order)
 
 
 def summary_table(frame: pd.DataFrame, methods: list[str], tasks: list[str], best: str | None = "max",
