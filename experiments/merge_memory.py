@@ -26,7 +26,6 @@ from reslora import ResLoraConfig, get_reslora_model  # noqa: E402
 from reslora.io import write_json  # noqa: E402
 
 
-
 def larger_llama() -> torch.nn.Module:
     """A random LLaMA of about 0.9B parameters (2048 wide, 16 layers), float32: large enough that a copy shows."""
     torch.manual_seed(0)

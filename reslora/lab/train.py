@@ -148,7 +148,8 @@ def run(cfg, overrides=(), choices: dict | None = None) -> dict:
         validate_config(cfg)
         outcome = {"status": "ok", **train_and_evaluate(cfg, config, run_dir, times, logger)}
     except BaseException as error:
-        outcome = {"status": "failed", "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
+        outcome = {"status": "failed", "error": f"{type(error).__name__}: {error}",
+                   "traceback": traceback.format_exc()}
         if not cfg.continue_on_failure or isinstance(error, (KeyboardInterrupt, SystemExit)):
             raise
         print(f"run failed, continuing: {outcome['error']}")
