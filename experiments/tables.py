@@ -19,10 +19,10 @@ from reslora.lab.records import load_failures, load_records
 from reslora.lab.figures import (plot_block_norm_heatmaps, plot_curves, plot_fig3_curves, plot_grad_flow,
                                  plot_lr_sweep, plot_sample_grid, record_label)
 from reslora.lab.report import (CONTROL_ROWS, LR_SWEEP_ROWS, LR_SWEEP_TASKS, MODE_LABELS, RESLORA_ROWS,
-                                experiment_design, final_loss_frame, headline_frame, interval_comparison, label, lr_frame,
-                                lr_sweep_records, mode_frame, mode_gaps, mode_interval_table, mode_table, ordered,
-                                paired_comparison, selected_rates, summary_table, table4_records, task_column,
-                                update_size_frame)
+                                experiment_design, final_loss_frame, headline_frame, interval_comparison, label,
+                                lr_frame, lr_sweep_records, mode_frame, mode_gaps, mode_interval_table, mode_table,
+                                ordered, paired_comparison, selected_rates, summary_table, table4_records, task_column,
+                                task_name, update_size_frame)
 
 TABLE2 = experiment_design("table2")
 TABLE2_TASKS = {"paper": TABLE2["paper_tasks"], "default": TABLE2["tasks"]}
@@ -187,15 +187,21 @@ def incomplete_cells(frame) -> str:
     return ", ".join(short) or "none"
 
 
+def table_rows(frame, order: list[str], matched: list[tuple[str, str]]) -> tuple[list, list, list]:
+    """The rows that have records, in the table's order (control rows last); those compared with LoRA; the
+    (ResLoRA row, control) pairs that both have records."""
+    rows = ordered(set(frame["method"]), [*order, *CONTROL_ROWS])
+    return (rows, [m for m in (*RESLORA_ROWS, *CONTROL_ROWS) if m in rows],
+            [(m, c) for m, c in matched if m in rows and c in rows])
+
+
 def table1(results: Path, scale: str) -> Path:
     records = records_of(results, scale, "table1")
     frame = headline_frame(records)
     tasks = [t for t in TABLE1_TASKS if t in set(frame["task"])]
-    rows = ordered(set(frame["method"]), [*TABLE1_ROWS, *CONTROL_ROWS])
+    rows, compared, matched = table_rows(frame, TABLE1_ROWS, TABLE1_MATCHED)
     trained = [r for r in records if r["config"]["method"]["kind"] != "none"]
     trained_rows = [m for m in rows if m != "zero_shot"]
-    compared = [m for m in (*RESLORA_ROWS, *CONTROL_ROWS) if m in rows]
-    matched = [(m, c) for m, c in TABLE1_MATCHED if m in rows and c in rows]
     text = [
         f"# Table 1 (NLG), scale `{scale}`",
         "",
@@ -231,9 +237,7 @@ def table2(results: Path, scale: str) -> Path:
     records = records_of(results, scale, "table2")
     tasks = TABLE2_TASKS["paper" if scale == "paper" else "default"]
     frame = headline_frame(records)
-    rows = ordered(set(frame["method"]), [*TABLE2_ROWS, *CONTROL_ROWS])
-    compared = [m for m in (*RESLORA_ROWS, *CONTROL_ROWS) if m in rows]
-    matched = [(m, c) for m, c in TABLE2_MATCHED if m in rows and c in rows]
+    rows, compared, matched = table_rows(frame, TABLE2_ROWS, TABLE2_MATCHED)
     text = [
         f"# Table 2 (GLUE), scale `{scale}`",
         "",
@@ -362,10 +366,17 @@ def lr_sweep(results: Path, scale: str) -> Path:
                          f"SCALE={scale}`")
     records = own + borrowed
     frame = lr_frame(records, LAST_STEPS)
-    tasks = [t for t in LR_SWEEP_TASKS if t in set(frame["task"])]
+    tasks = [t for t in LR_SWEEP_TASKS if t in {r["task"] for r in own}]  # tasks the sweep itself has run
     rates = sorted(set(frame["lr"]))
     means = frame.groupby(["task", "method", "lr"])[["validation", "test", "train_loss"]].agg(["mean", "std", "count"])
-    selected = selected_rates(frame)
+    # A rate is selected only on a task whose grid is complete (every rate for each of its rows and seeds): a
+    # partial grid (a sweep still running) would select among the rates that happen to have run.
+    swept = frame[frame["method"].isin(LR_SWEEP_ROWS)]
+    cells = swept.groupby("task").size()
+    planned = {t: len(rates) * len(set(swept[swept.task == t]["method"])) * len(set(swept[swept.task == t]["seed"]))
+               for t in tasks}
+    complete = [t for t in tasks if cells.get(t, 0) == planned[t]]
+    selected = {key: lr for key, lr in selected_rates(frame).items() if key[0] in complete}
     at_selected = [r for r in records if selected.get((r["task"], r["method"])) == r["config"]["train"]["lr"]]
 
     def grid(kind: str, bold: str) -> list[str]:
@@ -405,14 +416,18 @@ def lr_sweep(results: Path, scale: str) -> Path:
         *grid("test", "selected"),
         "## Selected rates, and each ResLoRA row at its rate against LoRA at LoRA's",
         "",
-        "| method | " + " | ".join(task_column(t) for t in tasks) + " |",
-        "|---" * (len(tasks) + 1) + "|",
-        *(f"| {label(m)} | " + " | ".join(f"{selected[(t, m)]:g}" if (t, m) in selected else "—" for t in tasks)
-          + " |" for m in LR_SWEEP_ROWS),
+        "Cells run per task: " + ", ".join(f"{task_name(t)} {cells.get(t, 0)} of {planned[t]}" for t in tasks)
+        + ("" if complete == tasks else "; rates are selected on complete tasks only (" + (", ".join(
+            task_name(t) for t in complete) or "none yet") + ")") + ".",
         "",
-        INTERVAL_NOTE,
-        "",
-        interval_comparison(at_selected, tasks, [(m, "lora") for m in LR_SWEEP_ROWS[1:]]),
+        *(["| method | " + " | ".join(task_column(t) for t in complete) + " |",
+           "|---" * (len(complete) + 1) + "|",
+           *(f"| {label(m)} | " + " | ".join(f"{selected[(t, m)]:g}" if (t, m) in selected else "—" for t in complete)
+             + " |" for m in LR_SWEEP_ROWS),
+           "",
+           INTERVAL_NOTE,
+           "",
+           interval_comparison(at_selected, complete, [(m, "lora") for m in LR_SWEEP_ROWS[1:]])] if complete else []),
         "",
         f"## Final train loss (mean of the last {LAST_STEPS} steps) by learning rate",
         "",
