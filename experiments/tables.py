@@ -19,10 +19,10 @@ from reslora.lab.records import load_failures, load_records
 from reslora.lab.figures import (plot_block_norm_heatmaps, plot_curves, plot_fig3_curves, plot_grad_flow,
                                  plot_lr_sweep, plot_sample_grid, record_label)
 from reslora.lab.report import (CONTROL_ROWS, LR_SWEEP_ROWS, LR_SWEEP_TASKS, MODE_LABELS, RESLORA_ROWS,
-                                experiment_design, final_loss_frame, headline_frame, interval_comparison, label,
-                                lr_frame, lr_sweep_records, mode_frame, mode_gaps, mode_interval_table, mode_table,
-                                ordered, paired_comparison, selected_rates, summary_table, table4_records, task_column,
-                                task_name, update_size_frame)
+                                complete_tasks, experiment_design, final_loss_frame, headline_frame,
+                                interval_comparison, label, lr_frame, lr_sweep_records, mode_frame, mode_gaps,
+                                mode_interval_table, mode_table, ordered, paired_comparison, selected_rates,
+                                summary_table, table4_records, task_column, task_name, update_size_frame)
 
 TABLE2 = experiment_design("table2")
 TABLE2_TASKS = {"paper": TABLE2["paper_tasks"], "default": TABLE2["tasks"]}
@@ -369,13 +369,11 @@ def lr_sweep(results: Path, scale: str) -> Path:
     tasks = [t for t in LR_SWEEP_TASKS if t in {r["task"] for r in own}]  # tasks the sweep itself has run
     rates = sorted(set(frame["lr"]))
     means = frame.groupby(["task", "method", "lr"])[["validation", "test", "train_loss"]].agg(["mean", "std", "count"])
-    # A rate is selected only on a task whose grid is complete (every rate for each of its rows and seeds): a
-    # partial grid (a sweep still running) would select among the rates that happen to have run.
     swept = frame[frame["method"].isin(LR_SWEEP_ROWS)]
     cells = swept.groupby("task").size()
-    planned = {t: len(rates) * len(set(swept[swept.task == t]["method"])) * len(set(swept[swept.task == t]["seed"]))
+    planned = {t: len(rates) * swept[swept.task == t]["method"].nunique() * swept[swept.task == t]["seed"].nunique()
                for t in tasks}
-    complete = [t for t in tasks if cells.get(t, 0) == planned[t]]
+    complete = complete_tasks(frame, tasks)  # a rate is selected only on a task whose grid is complete
     selected = {key: lr for key, lr in selected_rates(frame).items() if key[0] in complete}
     at_selected = [r for r in records if selected.get((r["task"], r["method"])) == r["config"]["train"]["lr"]]
 

@@ -188,6 +188,16 @@ def mode_interval_table(records: list[dict], methods: list[str], modes: list[str
     return "\n".join(lines)
 
 
+def complete_tasks(frame: pd.DataFrame, tasks: list[str]) -> list[str]:
+    """The tasks of an lr-sweep frame whose grid is complete: every rate for each of its rows and seeds. A rate is
+    selected only there: a partial grid (a sweep still running) would select among the rates that happen to have
+    run."""
+    swept = frame[frame["method"].isin(LR_SWEEP_ROWS)]
+    rates = set(swept["lr"])
+    return [t for t in tasks if len(swept[swept.task == t]) == len(rates) * swept[swept.task == t]["method"].nunique()
+            * swept[swept.task == t]["seed"].nunique()]
+
+
 def lr_sweep_records(results: Path, scale: str, allow_dirty: bool | None = None) -> tuple[list[dict], list[dict]]:
     """The learning-rate sweep's own records (variant cells) and Table 2's records of its rows and tasks (the
     centre rate, same configuration)."""
