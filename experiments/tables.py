@@ -19,7 +19,7 @@ from reslora.lab.records import load_failures, load_records
 from reslora.lab.figures import (plot_block_norm_heatmaps, plot_curves, plot_fig3_curves, plot_grad_flow,
                                  plot_lr_sweep, plot_sample_grid, record_label)
 from reslora.lab.report import (CONTROL_ROWS, LR_SWEEP_ROWS, LR_SWEEP_TASKS, MODE_LABELS, RESLORA_ROWS,
-                                complete_tasks, experiment_design, final_loss_frame, headline_frame,
+                                complete_tasks, experiment_design, final_loss_frame, grid_cells, headline_frame,
                                 interval_comparison, label, lr_frame, lr_sweep_records, mode_frame, mode_gaps,
                                 mode_interval_table, mode_table, ordered, paired_comparison, selected_rates,
                                 summary_table, table4_records, task_column, task_name, update_size_frame)
@@ -369,10 +369,7 @@ def lr_sweep(results: Path, scale: str) -> Path:
     tasks = [t for t in LR_SWEEP_TASKS if t in {r["task"] for r in own}]  # tasks the sweep itself has run
     rates = sorted(set(frame["lr"]))
     means = frame.groupby(["task", "method", "lr"])[["validation", "test", "train_loss"]].agg(["mean", "std", "count"])
-    swept = frame[frame["method"].isin(LR_SWEEP_ROWS)]
-    cells = swept.groupby("task").size()
-    planned = {t: len(rates) * swept[swept.task == t]["method"].nunique() * swept[swept.task == t]["seed"].nunique()
-               for t in tasks}
+    cells = grid_cells(frame, tasks)  # per task: (run, needed)
     complete = complete_tasks(frame, tasks)  # a rate is selected only on a task whose grid is complete
     selected = {key: lr for key, lr in selected_rates(frame).items() if key[0] in complete}
     at_selected = [r for r in records if selected.get((r["task"], r["method"])) == r["config"]["train"]["lr"]]
@@ -414,7 +411,7 @@ def lr_sweep(results: Path, scale: str) -> Path:
         *grid("test", "selected"),
         "## Selected rates, and each ResLoRA row at its rate against LoRA at LoRA's",
         "",
-        "Cells run per task: " + ", ".join(f"{task_name(t)} {cells.get(t, 0)} of {planned[t]}" for t in tasks)
+        "Cells run per task: " + ", ".join(f"{task_name(t)} {run} of {needed}" for t, (run, needed) in cells.items())
         + ("" if complete == tasks else "; rates are selected on complete tasks only (" + (", ".join(
             task_name(t) for t in complete) or "none yet") + ")") + ".",
         "",

@@ -188,14 +188,19 @@ def mode_interval_table(records: list[dict], methods: list[str], modes: list[str
     return "\n".join(lines)
 
 
-def complete_tasks(frame: pd.DataFrame, tasks: list[str]) -> list[str]:
-    """The tasks of an lr-sweep frame whose grid is complete: every rate for each of its rows and seeds. A rate is
-    selected only there: a partial grid (a sweep still running) would select among the rates that happen to have
-    run."""
+def grid_cells(frame: pd.DataFrame, tasks: list[str]) -> dict[str, tuple[int, int]]:
+    """Per task of an lr-sweep frame: (cells run, cells its grid needs: every rate for each of its rows and
+    seeds)."""
     swept = frame[frame["method"].isin(LR_SWEEP_ROWS)]
-    rates = set(swept["lr"])
-    return [t for t in tasks if len(swept[swept.task == t]) == len(rates) * swept[swept.task == t]["method"].nunique()
-            * swept[swept.task == t]["seed"].nunique()]
+    rates = swept["lr"].nunique()
+    return {t: (len(part), rates * part["method"].nunique() * part["seed"].nunique())
+            for t in tasks for part in [swept[swept.task == t]]}
+
+
+def complete_tasks(frame: pd.DataFrame, tasks: list[str]) -> list[str]:
+    """The tasks whose grid is complete. A rate is selected only there: a partial grid (a sweep still running)
+    would select among the rates that happen to have run."""
+    return [t for t, (run, needed) in grid_cells(frame, tasks).items() if run == needed]
 
 
 def lr_sweep_records(results: Path, scale: str, allow_dirty: bool | None = None) -> tuple[list[dict], list[dict]]:
