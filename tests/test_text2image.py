@@ -1,9 +1,8 @@
-"""Text-to-image (Fig. 3) end to end at smoke scale: pretrain a base, fine-tune three methods, build the figure.
-Fashion-MNIST is replaced by a few random images in its file format here (a plumbing test, no metric)."""
+"""Text-to-image (Fig. 3): a base pretrained on plain digits, a style to learn, judges of style and content, and the
+pipeline end to end at smoke scale (a plumbing test, no metric)."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import shutil
@@ -14,49 +13,30 @@ import numpy as np
 import pytest
 import torch
 
-from reslora.lab.tasks.text2image import base_captions, fashion_mnist, read_idx, target_captions
+from reslora.lab.tasks.text2image import target_captions
 from test_platform import ROOT, train
 from test_reports import execute_notebook
 
 
-def write_idx(path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
-def fake_fashion(directory, n: int = 64):
-    rng = np.random.default_rng(0)
-    write_idx(directory / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-    write_idx(directory / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
-
-
-def test_idx_files_round_trip_and_a_missing_set_says_how_to_get_it(tmp_path):
-    fake_fashion(tmp_path)
-    images, labels = fashion_mnist(tmp_path)
-    assert images.shape == (64, 28, 28) and labels.shape == (64,) and images.flags.writeable
-    np.testing.assert_array_equal(read_idx(tmp_path / "train-labels-idx1-ubyte.gz"), labels)
-    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
-        fashion_mnist(tmp_path / "nowhere")
-    assert base_captions()[9] == "a photo of an ankle boot" and target_captions()[7] == "a drawing of the digit seven"
+def test_captions_name_the_digit():
+    assert target_captions()[7] == "a drawing of the digit seven" and len(target_captions()) == 10
 
 
 @pytest.mark.slow  # pretrains a base and runs the Fig. 3 sweep: make test-slow
 def test_fig3_pipeline_at_smoke_scale(tmp_path, monkeypatch):
-    images, cache = tmp_path / "images", tmp_path / "cache"
-    images.mkdir()
-    fake_fashion(images)
-    classifier = ROOT / ".cache" / "t2i" / "digit_classifier.pt"
-    if classifier.is_file():  # trained once per machine (about half a minute)
+    cache = tmp_path / "cache"
+    judges = ROOT / ".cache" / "t2i" / "judges-thick.pt"
+    if judges.is_file():  # trained once per machine (about a minute)
         (cache / "t2i").mkdir(parents=True)
-        shutil.copy(classifier, cache / "t2i")
+        shutil.copy(judges, cache / "t2i")
     env = {**os.environ, "RESLORA_CACHE": str(cache)}
-    subprocess.run([sys.executable, str(ROOT / "experiments" / "t2i_base.py"), "--images", str(images), "--cache",
+    subprocess.run([sys.executable, str(ROOT / "experiments" / "t2i_base.py"), "--cache",
                     str(cache), "--name", "t2i-smoke-base", "--steps", "2", "--batch-size", "4", "--threads", "1"],
                    check=True, cwd=ROOT, env=env, capture_output=True)
     base = json.loads((cache / "t2i" / "t2i-smoke-base" / "base.json").read_text())
     assert base["args"]["steps"] == 2 and len(base["loss"]) == 2
 
+    train(tmp_path, "-m", "experiment=fig3_base", "scale=smoke_t2i", "hydra/launcher=joblib_cpu", cache=cache)
     train(tmp_path, "-m", "experiment=fig3", "scale=smoke_t2i", "seed=0", "hydra/launcher=joblib_cpu", cache=cache)
     results = tmp_path / "results"
     for method in ("lora", "reslora_is", "reslora_bs_pre5"):
@@ -64,14 +44,21 @@ def test_fig3_pipeline_at_smoke_scale(tmp_path, monkeypatch):
         assert record["status"] == "ok", record.get("error")
         assert record["headline_mode"] == "merge_bi" and set(record["final"]) == {"merge_bi", "unmerged", "merge_ls"}
         assert 0 <= record["headline"] <= 1 and record["assets"]["base"]["args"]["steps"] == 2
+        items = record["predictions"]["merge_bi"]["test"]  # 10 prompts x test_samples_per_prompt (2)
+        assert items["id"] == list(range(20)) and np.mean(items["correct"]) == record["headline"]
+        assert record["final"]["merge_bi"]["test"]["style_score"] <= record["final"]["merge_bi"]["test"]["content_score"]
+    base = json.loads((results / "records/smoke/fig3/text2image/zero_shot/seed0.json").read_text())
+    assert base["status"] == "ok" and base["total_steps"] == 0, base.get("error")
     subprocess.run([sys.executable, str(ROOT / "experiments" / "tables.py"), "fig3", "--scale", "smoke",
                     "--results", str(results)], check=True, cwd=ROOT)
     text = (results / "fig3_smoke.md").read_text()
-    for row in ("LoRA (r=4)", "ResLoRA_is", "ResLoRA_bs pre_num=5"):
-        assert f"| {row} |" in text
+    for row in ("LoRA (r=4) | merged", "ResLoRA_is | merged (merge_bi)", "ResLoRA_bs pre_num=5 |",
+                "base, before fine-tuning |", "ResLoRA_is |"):
+        assert f"| {row}" in text, row
+    assert "row − LoRA" in text
     for name in ("fig3_curves_smoke.png", "fig3_samples_smoke.png"):
         assert (results / "figures" / name).stat().st_size > 5_000
-    assert "3 records; methods" in execute_notebook("fig3.ipynb", results, monkeypatch)
+    assert "3 records; methods" in execute_notebook("fig3.ipynb", results, monkeypatch)  # and the base
 
 
 def tiny_stable_diffusion(directory):
@@ -143,3 +130,6 @@ def test_a_style_redraws_the_digits_and_its_judges_tell_style_and_content_apart(
     assert target_style_score(styled, prompts, content, judge)["style_score"] > 0.85
     plain_score = target_style_score(plain, prompts, content, judge)
     assert plain_score["style_score"] < 0.1 and plain_score["content_score"] > 0.85
+    items = plain_score["items"]  # each sample's verdicts, for paired intervals
+    assert items["id"] == list(range(200)) and np.mean(items["content"]) == plain_score["content_score"]
+    assert np.mean(items["correct"]) == plain_score["style_score"]

