@@ -449,7 +449,8 @@ def mean_std(values: list[float]) -> str:
 def fig3(results: Path, scale: str, threshold: float) -> Path:
     records = records_of(results, scale, "fig3")
     ok = [r for r in records if r.get("status") == "ok" and r["method"] != "zero_shot"]
-    base_runs = [r for r in records if r.get("status") == "ok" and r["method"] == "zero_shot"]
+    base_runs = sorted((r for r in records if r.get("status") == "ok" and r["method"] == "zero_shot"),
+                       key=lambda r: r["config"]["task"]["guidance_scale"])
     if not ok:
         raise SystemExit(f"no fine-tuned Fig. 3 records under {results}/records/{scale}/fig3")
     methods = [m for m in FIG3_ROWS if any(r["method"] == m for r in ok)]
@@ -476,7 +477,7 @@ def fig3(results: Path, scale: str, threshold: float) -> Path:
              + " | test denoising loss |"]
     final.append("|---" * (final[0].count("|") - 1) + "|")
     for r in base_runs:
-        final.append("| base, before fine-tuning | — | "
+        final.append(f"| base, before fine-tuning | guidance {r['config']['task']['guidance_scale']} | "
                      + " | ".join(f"{100 * r['final']['unmerged']['test'][p]:.1f}" for p in parts)
                      + f" | {r['final']['unmerged']['test']['denoise_loss']:.4f} |")
     by_method = {m: [r for r in ok if r["method"] == m] for m in methods}
@@ -543,7 +544,8 @@ def fig3(results: Path, scale: str, threshold: float) -> Path:
         "",
         *curve,
         "",
-        "Test, the model selected on validation, scored once (mean ± sd over seeds):",
+        "Test, the model selected on validation, scored once (mean ± sd over seeds); the base before fine-tuning at "
+        f"three guidance scales (`fig3_base`: the rows below sample at {c['task']['guidance_scale']}):",
         "",
         *final,
         *(["", "Paired differences on the test samples (the same prompts and noise for every row): mean over seeds in "
@@ -560,8 +562,10 @@ def fig3(results: Path, scale: str, threshold: float) -> Path:
     figures = results / "figures"
     plot_fig3_curves(ok, figures / output_name("fig3_curves", scale, ".png"), methods,
                      f"Text-to-image fine-tuning ({scale})")
+    guidance = c["task"]["guidance_scale"]  # the base's samples at the fine-tuned rows' guidance
     plot_sample_grid(ok, figures / output_name("fig3_samples", scale, ".png"), methods, 0,
-                     f"Samples, same prompts and noise everywhere ({scale}, seed 0)", base=base_runs[0] if base_runs else None)
+                     f"Samples, same prompts and noise everywhere ({scale}, seed 0)",
+                     base=next((r for r in base_runs if r["config"]["task"]["guidance_scale"] == guidance), None))
     return out
 
 
