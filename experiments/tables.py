@@ -115,8 +115,8 @@ def control_sections(trained: list[dict], tasks: list[str], rows: list[str], com
 ALLOW_DIRTY = False  # --allow-dirty: build from records made with uncommitted code, listing them in the output
 
 
-def records_of(results: Path, scale: str, tag: str) -> list[dict]:
-    records = load_records(results, scale, tag, allow_dirty=ALLOW_DIRTY or None)
+def records_of(results: Path, scale: str, tag: str, variants: bool = False) -> list[dict]:
+    records = load_records(results, scale, tag, allow_dirty=ALLOW_DIRTY or None, variants=variants)
     if not records:
         raise SystemExit(f"no records under {results}/records/{scale}/{tag}: run `make reproduce-{tag} SCALE={scale}`")
     return records
@@ -447,7 +447,7 @@ def mean_std(values: list[float]) -> str:
 
 
 def fig3(results: Path, scale: str, threshold: float) -> Path:
-    records = records_of(results, scale, "fig3")
+    records = records_of(results, scale, "fig3", variants=True)  # the base at each guidance scale is a variant cell
     ok = [r for r in records if r.get("status") == "ok" and r["method"] != "zero_shot"]
     base_runs = sorted((r for r in records if r.get("status") == "ok" and r["method"] == "zero_shot"),
                        key=lambda r: r["config"]["task"]["guidance_scale"])
@@ -553,8 +553,8 @@ def fig3(results: Path, scale: str, threshold: float) -> Path:
           if compared else []),
         "",
         "Figures: `figures/fig3_samples.png` (seed 0: one column per method, a row per step, one sample per prompt "
-        "(digits 0-9) from the same noise; first row: the base before fine-tuning, last row: the merged model on "
-        "test), `figures/fig3_curves.png` (train denoising loss, moving average over 20 steps, the training graph; "
+        "(digits 0-9) from the same noise: validation noise at each step; first row, the base before fine-tuning, and "
+        "last row, the selected merged model, on test noise), `figures/fig3_curves.png` (train denoising loss, moving average over 20 steps, the training graph; "
         "validation denoising loss and headline, merged; mean over seeds, band = min–max).",
     ]
     out = results / output_name("fig3", scale, ".md")
