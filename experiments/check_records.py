@@ -39,9 +39,12 @@ def scale_option(record: dict) -> str:
 
 def composed_identity(record: dict) -> dict:
     """The identity config that the record's experiment composes at HEAD (composed once per cell; the seed
-    only sets the ``seed`` key)."""
+    only sets the ``seed`` key). The experiment is the recorded one (several share a tag: fig3 and fig3_base),
+    else (older records) the one named as the tag."""
     tag = record["tag"]
-    experiment = f"experiment={tag}" if (ROOT / "conf" / "experiment" / f"{tag}.yaml").is_file() else f"tag={tag}"
+    chosen = (record.get("choices") or {}).get("experiment") or tag
+    experiment = (f"experiment={chosen}" if (ROOT / "conf" / "experiment" / f"{chosen}.yaml").is_file()
+                  else f"tag={tag}")
     cell = _composed((experiment, f"scale={scale_option(record)}", f"task={record['task']}",
                       f"method={record['method']}", *record.get("variant_overrides", [])))
     return {**cell, "seed": record["seed"]}

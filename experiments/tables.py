@@ -504,6 +504,11 @@ def fig3(results: Path, scale: str, threshold: float) -> Path:
                          for flag in ("correct", "content", "styled")]
                 compared.append(f"| {record_label(runs[0])} | "
                                 + " | ".join(format_difference(d) if d else "—" for d in cells) + " |")
+        compared += ["", "| merged − before merge (same models), test | style score (points) |", "|---|---|"]
+        for method, runs in by_method.items():
+            d = paired_difference(runs, runs, "accuracy", row_mode=runs[0]["headline_mode"], baseline_mode="unmerged")
+            compared.append(f"| {record_label(runs[0])} ({runs[0]['headline_mode']}) | "
+                            f"{format_difference(d) if d else '—'} |")
     base = assets["base"]
     if "steps" in base.get("args", {}):
         base_line = (f"Base: {c['model']['name']} ({base['parameters']:,} parameters), pretrained by `make t2i-base` "
