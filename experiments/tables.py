@@ -472,7 +472,8 @@ def fig3(results: Path, scale: str, threshold: float) -> Path:
     curve = ["| method | " + " | ".join(f"step {s}" for s in steps)
              + (f" | steps to ≥ {100 * threshold:.0f}%" if scored else "") + " | steps to LoRA's final validation loss |"]
     curve.append("|---" * (curve[0].count("|") - 1) + "|")
-    parts = ["style_score", "content_score", "styled_share"] if scored else []
+    # each reported part of the score and the per-sample flag the records keep for it (text2image.target_style_score)
+    parts = {"style_score": "correct", "content_score": "content", "styled_share": "styled"} if scored else {}
     final = ["| method | mode | " + " | ".join(f"{p.replace('_', ' ')} (%)" for p in parts)
              + " | test denoising loss |"]
     final.append("|---" * (final[0].count("|") - 1) + "|")
@@ -500,8 +501,7 @@ def fig3(results: Path, scale: str, threshold: float) -> Path:
                     + " |", "|---" * (len(parts) + 1) + "|"]
         for method, runs in by_method.items():
             if method != "lora":
-                cells = [paired_difference(runs, by_method["lora"], "accuracy", flag=flag)
-                         for flag in ("correct", "content", "styled")]
+                cells = [paired_difference(runs, by_method["lora"], "accuracy", flag=flag) for flag in parts.values()]
                 compared.append(f"| {record_label(runs[0])} | "
                                 + " | ".join(format_difference(d) if d else "—" for d in cells) + " |")
         compared += ["", "| merged − before merge (same models), test | style score (points) |", "|---|---|"]
@@ -513,7 +513,7 @@ def fig3(results: Path, scale: str, threshold: float) -> Path:
     if "steps" in base.get("args", {}):
         base_line = (f"Base: {c['model']['name']} ({base['parameters']:,} parameters), pretrained by `make t2i-base` "
                      f"for {base['args']['steps']} steps of batch {base['args']['batch_size']} on "
-                     f"{base['train_images']:,} images ({base.get('data', 'Fashion-MNIST')}) captioned "
+                     f"{base['train_images']:,} images ({base['data']}) captioned "
                      f"\"{base['captions'][7]}\" etc. ({base['seconds'] / 60:.0f} min; denoising loss over its last 50 "
                      f"steps {base['final_loss_50']:.4f}); text encoder {c['model']['text_encoder']['path']}, frozen.")
     else:
@@ -534,7 +534,7 @@ def fig3(results: Path, scale: str, threshold: float) -> Path:
         f"{c['task']['caption_dropout']:.0%} captions dropped.",
         f"Samples: DDIM ({c['task']['sample_steps']} steps, guidance {c['task']['guidance_scale']}) from fixed "
         f"initial noise, the same in every cell: validation {c['task']['samples_per_prompt']} per prompt, test "
-        f"{c['task'].get('test_samples_per_prompt', c['task']['samples_per_prompt'])} per prompt from other noise."
+        f"{c['task']['test_samples_per_prompt']} per prompt from other noise."
         + (f" Target-style score: the share of samples that the style judge calls `{c['task']['style']}` and the "
            f"content judge reads as the prompted digit (its parts: content score, styled share). The judges are "
            f"small CNNs trained on the digits drawn plainly and in the style (held-out accuracy: content "

@@ -44,6 +44,7 @@ SAMPLE_NOISE_SEED = 4321  # fixed initial noise of the samples: identical in eve
 # The test split draws its own noise (denoising loss and samples), disjoint from validation's: a model selected
 # on the validation samples is scored on other samples.
 TEST_SEED_OFFSET = 1000
+PER_PROMPT = {"validation": "samples_per_prompt", "test": "test_samples_per_prompt"}  # task keys: samples per prompt
 
 
 def target_captions() -> list[str]:
@@ -351,8 +352,7 @@ class Text2ImageTask:
         # differ by their noise), or the first ten captions of the split itself (disjoint prompts)
         self.prompts = {name: torch.from_numpy(np.asarray(
             np.arange(len(DIGIT_WORDS)) if self.cfg.target == "digits" else np.asarray(labels)[parts[name]][:10]
-        )).repeat(self.cfg[per_prompt]) for name, per_prompt in (("validation", "samples_per_prompt"),
-                                                                 ("test", "test_samples_per_prompt"))}
+        )).repeat(self.cfg[per_prompt]) for name, per_prompt in PER_PROMPT.items()}
         return {name: ImageCaptions(pixels[index], torch.from_numpy(np.asarray(labels)[index]), name)
                 for name, index in parts.items()}
 
@@ -402,9 +402,9 @@ class Text2ImageTask:
         """Denoising loss on the split, and samples for the split's own prompts from the split's own fixed noise
         (validation and test never share noise: the test score is not the validation score again)."""
         model.eval()
-        split = getattr(loader.dataset, "split", "validation")
-        offset = TEST_SEED_OFFSET if split.startswith("test") else 0
-        prompts = self.prompts["test" if offset else "validation"]
+        split = "test" if getattr(loader.dataset, "split", "validation").startswith("test") else "validation"
+        offset = TEST_SEED_OFFSET if split == "test" else 0
+        prompts = self.prompts[split]
         generator = torch.Generator().manual_seed(EVAL_NOISE_SEED + offset)
         losses = []
         for batch in loader:
@@ -425,6 +425,6 @@ class Text2ImageTask:
             metrics.update({k: v for k, v in verdicts.items() if k != "items"})
             if offset:  # each test sample's verdict: paired intervals over samples and seeds (reslora.lab.stats)
                 metrics["items"] = verdicts["items"]
-        n_prompts = len(prompts) // (self.cfg.test_samples_per_prompt if offset else self.cfg.samples_per_prompt)
+        n_prompts = len(prompts) // self.cfg[PER_PROMPT[split]]
         metrics["samples_png"] = png_grid(images[:n_prompts], columns=n_prompts)
         return metrics
