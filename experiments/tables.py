@@ -538,7 +538,9 @@ def fig3(results: Path, scale: str, threshold: float) -> Path:
         + (f" Target-style score: the share of samples that the style judge calls `{c['task']['style']}` and the "
            f"content judge reads as the prompted digit (its parts: content score, styled share). The judges are "
            f"small CNNs trained on the digits drawn plainly and in the style (held-out accuracy: content "
-           f"{100 * judges['content']['held_out_accuracy']:.1f}%, style "
+           f"{100 * judges['content']['held_out_accuracy']:.1f}% (plain {100 * judges['content']['held_out_accuracy_plain']:.1f}%, "
+           f"{c['task']['style']} {100 * judges['content']['held_out_accuracy_styled']:.1f}%: the ceiling of the content "
+           f"score), style "
            f"{100 * judges['style_classifier']['held_out_accuracy']:.1f}%, on {judges['content']['held_out']} "
            "images)." if scored else ""),
         "",

