@@ -249,7 +249,7 @@ def table2(results: Path, scale: str) -> Path:
         "Cells: test metric in %, mean ± std over seeds (n = seeds); ResLoRA rows are evaluated after merging "
         "(bs exactly, is/ms with merge_bi). Best mean per column in bold. Avg. = mean over the tasks of the row.",
         "",
-        *rows_table_and_comparison(records, frame, rows, tasks, compared),
+        *rows_table_and_comparison(records, frame, rows, tasks, [m for m in rows if m != "lora"]),
         *(control_sections(records, tasks, rows, compared, matched,
                            "The control rows are LoRA (r=4) with alpha 32 and 64, 2x and 4x LoRA's scale s = alpha / "
                            "r, the range of update sizes the merged ResLoRA rows deploy (this table).") if matched else []),
