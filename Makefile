@@ -56,8 +56,7 @@ t2i-base: setup ## pretrain the small text-to-image base on plain handwritten di
 	$(PY) experiments/t2i_base.py
 
 reproduce-fig3: setup ## the paper's Fig. 3 (text-to-image: LoRA vs ResLoRA_is/_bs over steps) at SCALE=smoke|cpu|paper; reruns only missing cells
-	$(if $(filter smoke,$(SCALE)),$(PY) experiments/t2i_base.py --name t2i-smoke-base --steps 3 --batch-size 8)
-	$(if $(filter cpu,$(SCALE)),$(PY) experiments/t2i_base.py)
+	$(if $(filter smoke cpu,$(SCALE)),$(PY) experiments/t2i_base.py --scale $(SCALE))
 	for sweep in fig3_base fig3; do \
 		$(PY) experiments/train.py -m experiment=$$sweep scale=$(SCALE)_t2i hydra/launcher=joblib_cpu || exit 1; done
 	$(MAKE) fig3 SCALE=$(SCALE)

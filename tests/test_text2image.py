@@ -14,7 +14,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from reslora.lab.tasks.text2image import judges_path, target_captions
+from reslora.lab.tasks.text2image import check_base, judges_path, target_captions
 from test_platform import ROOT, train
 
 JUDGE_EPOCHS = OmegaConf.load(ROOT / "conf" / "task" / "text2image.yaml").judge_epochs
@@ -25,6 +25,15 @@ def test_captions_name_the_digit():
     assert target_captions()[7] == "a drawing of the digit seven" and len(target_captions()) == 10
 
 
+def test_a_cached_base_built_with_other_settings_is_refused(tmp_path):
+    pretrain = OmegaConf.load(ROOT / "conf" / "model" / "t2i-small.yaml").pretrain
+    (tmp_path / "base.json").write_text(json.dumps({"args": {**pretrain, "name": "t2i-digits"}}))
+    assert check_base(tmp_path, pretrain)["args"]["steps"] == pretrain.steps
+    (tmp_path / "base.json").write_text(json.dumps({"args": {**pretrain, "steps": 3000}}))
+    with pytest.raises(ValueError, match=r"'steps': \(3000, 6000\)"):
+        check_base(tmp_path, pretrain)
+
+
 @pytest.mark.slow  # pretrains a base and runs the Fig. 3 sweep: make test-slow
 def test_fig3_pipeline_at_smoke_scale(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
@@ -33,8 +42,8 @@ def test_fig3_pipeline_at_smoke_scale(tmp_path, monkeypatch):
         (cache / "t2i").mkdir(parents=True)
         shutil.copy(judges, cache / "t2i")
     env = {**os.environ, "RESLORA_CACHE": str(cache)}
-    subprocess.run([sys.executable, str(ROOT / "experiments" / "t2i_base.py"), "--cache",
-                    str(cache), "--name", "t2i-smoke-base", "--steps", "2", "--batch-size", "4", "--threads", "1"],
+    subprocess.run([sys.executable, str(ROOT / "experiments" / "t2i_base.py"), "--cache", str(cache), "--scale",
+                    "smoke", "--threads", "1"],
                    check=True, cwd=ROOT, env=env, capture_output=True)
     base = json.loads((cache / "t2i" / "t2i-smoke-base" / "base.json").read_text())
     assert base["args"]["steps"] == 2 and len(base["loss"]) == 2

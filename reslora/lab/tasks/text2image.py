@@ -286,9 +286,20 @@ def target_style_score(images: torch.Tensor, prompts: torch.Tensor, content: Dig
                       "styled": styled.int().tolist()}}
 
 
-def base_unet_dir(cache_dir: str | Path, name: str = "t2i-digits") -> Path:
-    """Where ``experiments/t2i_base.py --name NAME`` caches a base; model.path ``cache:NAME`` reads it."""
+def base_unet_dir(cache_dir: str | Path, name: str) -> Path:
+    """Where ``experiments/t2i_base.py`` caches the base that model.path ``cache:NAME`` reads."""
     return Path(cache_dir) / "t2i" / name
+
+
+def check_base(directory: Path, pretrain) -> dict:
+    """The cached base's base.json, after checking that it was pretrained as ``model.pretrain`` says (a base built
+    with other settings is never used silently)."""
+    info = json.loads((directory / "base.json").read_text())
+    differs = {k: (info["args"].get(k), v) for k, v in dict(pretrain).items() if info["args"].get(k) != v}
+    if differs:
+        raise ValueError(f"the base in {directory} was pretrained with other settings (built, asked for by "
+                         f"model.pretrain): {differs}; delete it and rebuild it with `make t2i-base`")
+    return info
 
 
 # ---- the task object for the shared loop -------------------------------------------------------------------------
@@ -321,8 +332,8 @@ class Text2ImageTask:
             directory = base_unet_dir(self.data_cfg.cache_dir, name)
             if not (directory / "base.json").is_file():
                 raise FileNotFoundError(f"no pretrained base UNet in {directory}: build it once with `make t2i-base` "
-                                        f"(python experiments/t2i_base.py --name {name})")
-            self.base_info = json.loads((directory / "base.json").read_text())
+                                        "(python experiments/t2i_base.py [--scale smoke])")
+            self.base_info = check_base(directory, model_cfg.pretrain)
             self.encode = lambda captions: encode_captions(captions, resolve_model_path(model_cfg.text_encoder.path))
             self.scheduler = noise_scheduler()
             unet = UNet2DConditionModel.from_pretrained(directory)
