@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
@@ -160,3 +161,16 @@ def test_a_failed_run_writes_a_record_saying_why(tmp_path):
     assert not (tmp_path / "results" / "records").exists()  # a failure publishes nothing
     failed = json.loads((tmp_path / "results/failures/smoke/default/qnli/reslora_bs/seed0.json").read_text())
     assert failed["status"] == "failed" and "QNLI/train.tsv" in failed["error"]
+
+
+def test_seeded_parts_are_disjoint_and_draw_the_order_datasets_shuffle_draws():
+    from datasets import Dataset
+
+    from reslora.lab.tasks import seeded_parts
+
+    parts = seeded_parts(50, 3, {"validation": 8, "test": 10, "train": None})
+    assert [len(p) for p in parts.values()] == [8, 10, 32]
+    assert sorted(np.concatenate(list(parts.values()))) == list(range(50))
+    shuffled = Dataset.from_dict({"i": list(range(50))}).shuffle(seed=3)["i"]
+    assert list(np.concatenate(list(parts.values()))) == shuffled
+    assert [len(p) for p in seeded_parts(5, 0, {"validation": 8, "train": 4}).values()] == [5, 0]

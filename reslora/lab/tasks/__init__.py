@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 
 
@@ -31,6 +32,20 @@ class Task(Protocol):
     def evaluate(self, model, loader, accelerator) -> dict:
         """Metrics of the model on ``loader``, and per-item predictions under ``items`` where the task has
         items (test splits)."""
+
+
+def seeded_parts(n: int, seed: int, sizes: dict[str, int | None]) -> dict[str, np.ndarray]:
+    """Disjoint parts of ``range(n)``, taken one after another from a seeded random order, in the order of
+    ``sizes`` (a size of None: all that is left). The order is ``np.random.default_rng(seed).permutation(n)``, the
+    one ``datasets.Dataset.shuffle(seed=...)`` draws, so GLUE's and text-to-image's splits are unchanged by it.
+    The reasoning tasks still draw with ``random.Random`` (their records were made so; switching changes Table 1's
+    splits, which needs a rerun of Table 1)."""
+    order = np.random.default_rng(seed).permutation(n)
+    parts, start = {}, 0
+    for name, size in sizes.items():
+        stop = n if size is None else min(n, start + size)
+        parts[name], start = order[start:stop], stop
+    return parts
 
 
 def build_task(cfg) -> Task:

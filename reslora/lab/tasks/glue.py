@@ -21,6 +21,7 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 from ..hub_models import resolve_model_path
+from . import seeded_parts
 from .mirror import verify_mirror_file
 
 HUB_ID = "nyu-mll/glue"
@@ -186,19 +187,18 @@ class GlueTask:
         """train / validation (carved from train with a fixed seed) / test (GLUE dev), subsampled per the
         scale config; subsets are drawn with the data seed so every method sees the same examples."""
         cfg = self.data_cfg
-        train = self._tokenized("train").shuffle(seed=cfg.split_seed)
-        n_val = min(cfg.val_samples, len(train) // 5)
-        splits = {"validation": train.select(range(n_val)),
-                  "train": train.select(range(n_val, len(train))).remove_columns("idx")}
-        if cfg.max_train_samples:
-            splits["train"] = splits["train"].select(range(min(cfg.max_train_samples, len(splits["train"]))))
+        train = self._tokenized("train")
+        parts = seeded_parts(len(train), cfg.split_seed, {"validation": min(cfg.val_samples, len(train) // 5),
+                                                          "train": cfg.max_train_samples or None})
+        splits = {name: train.select(index) for name, index in parts.items()}
+        splits["train"] = splits["train"].remove_columns("idx")
         tests = {"test": "dev"}
         if self.spec.extra_test:
             tests[f"test_{self.spec.extra_test[0]}"] = self.spec.extra_test[0]
         for name, which in tests.items():
             test = self._tokenized(which)
             if cfg.max_test_samples and len(test) > cfg.max_test_samples:
-                test = test.shuffle(seed=cfg.split_seed).select(range(cfg.max_test_samples))
+                test = test.select(seeded_parts(len(test), cfg.split_seed, {"test": cfg.max_test_samples})["test"])
             splits[name] = test
         return splits
 

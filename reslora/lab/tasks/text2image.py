@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...io import atomic_path, exclusive
+from . import seeded_parts
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 RESOLUTION = 32          # 28x28 images padded to a size the UNet halves twice
@@ -366,10 +367,9 @@ class Text2ImageTask:
         else:
             captions, pixels, labels = self._captioned_latents()
         self.states = self.encode(captions)  # the last row is the empty caption
-        order = np.random.default_rng(self.data_cfg.split_seed).permutation(len(labels))
-        n_val, n_test = self.data_cfg.val_samples, self.data_cfg.max_test_samples
-        parts = {"validation": order[:n_val], "test": order[n_val:n_val + n_test],
-                 "train": order[n_val + n_test:][:self.data_cfg.max_train_samples]}
+        parts = seeded_parts(len(labels), self.data_cfg.split_seed,
+                             {"validation": self.data_cfg.val_samples, "test": self.data_cfg.max_test_samples,
+                              "train": self.data_cfg.max_train_samples or None})
         # samples for the same prompts at every evaluation of a split: the ten digits (validation and test then
         # differ by their noise), or the first ten captions of the split itself (disjoint prompts)
         self.prompts = {name: torch.from_numpy(np.asarray(
