@@ -81,6 +81,9 @@ def test_variant_overrides_and_cell_names():
     assert name.startswith("reslora_bs__method.pre_num=0-") and name == cell_name("reslora_bs", ["method.pre_num=0"],
                                                                                    {**config, "seed": 2})
     assert cell_name("reslora_bs", [], config) == "reslora_bs"
+    long = [f"model.path=/{'d' * 300}", "task.dataset=/x"]
+    assert len(cell_name("lora", long, config)) < 255 and cell_name("lora", long, config) != cell_name(
+        "lora", long, {**config, "train": {"lr": 2e-3}})
 
 
 @needs_data

@@ -134,12 +134,16 @@ def variant_overrides(overrides) -> list[str]:
     return sorted(o for o in overrides if not steers(override_key(o)))
 
 
+SLUG_CHARS = 120
+
+
 def cell_name(method: str, variants: list[str], config: dict) -> str:
     """``method`` for the grid's own configuration; ``method__key=value,...-<hash>`` for a variant, the hash
-    over the identity without the seed, so every seed of a variant shares the cell."""
+    over the identity without the seed, so every seed of a variant shares the cell. The key=value part is cut at
+    ``SLUG_CHARS`` (the hash keeps the name unique), so that a directory name stays under the 255-byte limit."""
     if not variants:
         return method
-    slug = ",".join(variants).replace("/", "_").replace(" ", "")
+    slug = ",".join(variants).replace("/", "_").replace(" ", "")[:SLUG_CHARS]
     return f"{method}__{slug}-{config_hash({k: v for k, v in identity(config).items() if k != 'seed'}, 6)}"
 
 
