@@ -552,7 +552,7 @@ def fig3(results: Path, scale: str, threshold: float) -> Path:
         *curve,
         "",
         "Test, the model selected on validation, scored once (mean ± sd over seeds); the base before fine-tuning at "
-        f"three guidance scales (`fig3_base`: the rows below sample at {c['task']['guidance_scale']}):",
+        f"{len(base_runs)} guidance scales (`fig3_base`: the rows below sample at {c['task']['guidance_scale']}):",
         "",
         *final,
         *(["", "Paired differences on the test samples (the same prompts and noise for every row): mean over seeds in "
