@@ -9,8 +9,8 @@ fine-tunes it on the same kind of digits redrawn in a new style (``task.style``:
 
 Loss: DDPM noise prediction (MSE), captions dropped with a small probability so that sampling can use
 classifier-free guidance. Evaluation: the denoising loss on fixed noise and timesteps, and the target-style
-score: DDIM samples from fixed initial noise for every prompt (the same noise for every method, seed and
-step), judged by two classifiers trained on the digits drawn plainly and in the style: the share of samples
+score: DDIM samples (``task.sample_eta`` 1: ancestral steps) from fixed noise for every prompt (the same noise
+for every method, seed and step), judged by two classifiers trained on the digits drawn plainly and in the style: the share of samples
 that are in the target style and show the prompted digit (its parts: the content score, the styled share).
 Validation and test sample from disjoint noise; the test split draws more samples per prompt and keeps each
 sample's verdict (per-item predictions, for paired intervals). A grid of the samples (one per prompt) is kept
@@ -171,19 +171,22 @@ def diffusion_loss(model, scheduler, pixels: torch.Tensor, states: torch.Tensor,
 
 @torch.no_grad()
 def sample(model, scheduler, states: torch.Tensor, empty: torch.Tensor, steps: int, guidance: float,
-           shape: tuple[int, int, int] = (1, RESOLUTION, RESOLUTION), seed: int = SAMPLE_NOISE_SEED) -> torch.Tensor:
-    """DDIM samples of ``shape`` for each row of ``states`` from fixed initial noise, with classifier-free
-    guidance."""
+           shape: tuple[int, int, int] = (1, RESOLUTION, RESOLUTION), seed: int = SAMPLE_NOISE_SEED,
+           eta: float = 0.0) -> torch.Tensor:
+    """DDIM samples of ``shape`` for each row of ``states`` with classifier-free guidance; ``eta`` 0 is
+    deterministic DDIM, 1 the DDPM-like ancestral sampler. The initial noise and every step's noise come from
+    ``seed``: the same samples for the same model."""
     from diffusers import DDIMScheduler
 
     ddim = DDIMScheduler.from_config(scheduler.config)
     ddim.set_timesteps(steps)
-    x = torch.randn((len(states), *shape), generator=torch.Generator().manual_seed(seed))
-    x = x.to(states.device)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn((len(states), *shape), generator=generator).to(states.device)
     both = torch.cat([empty.expand(len(states), -1, -1), states])
     for t in ddim.timesteps:
         uncond, cond = model(torch.cat([x, x]), t, encoder_hidden_states=both).sample.chunk(2)
-        x = ddim.step(uncond + guidance * (cond - uncond), t, x).prev_sample
+        step_noise = torch.randn(x.shape, generator=generator).to(x.device) if eta else None
+        x = ddim.step(uncond + guidance * (cond - uncond), t, x, eta=eta, variance_noise=step_noise).prev_sample
     return x
 
 
@@ -436,7 +439,8 @@ class Text2ImageTask:
         denoise_loss = float(torch.cat(losses).mean())
         device = next(model.parameters()).device
         images = sample(model, self.scheduler, self.states[prompts].to(device), self.states[-1:].to(device),
-                        self.cfg.sample_steps, self.cfg.guidance_scale, self.sample_shape, seed=SAMPLE_NOISE_SEED + offset)
+                        self.cfg.sample_steps, self.cfg.guidance_scale, self.sample_shape, seed=SAMPLE_NOISE_SEED + offset,
+                        eta=self.cfg.sample_eta)
         if self.vae is not None:
             images = self.vae.to(device).decode(images / self.vae.config.scaling_factor).sample
         images = images.clamp(-1, 1)
