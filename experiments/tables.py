@@ -533,7 +533,8 @@ def fig3(results: Path, scale: str, threshold: float) -> Path:
         f"{c['method']['r']}, alpha {c['method']['lora_alpha']}, dropout {c['method']['lora_dropout']}; "
         f"{c['task']['caption_dropout']:.0%} captions dropped.",
         f"Samples: DDIM ({c['task']['sample_steps']} steps, eta {c['task']['sample_eta']}, guidance "
-        f"{c['task']['guidance_scale']}) from fixed noise (initial and per step), the same in every cell: validation {c['task']['samples_per_prompt']} per prompt, test "
+        f"{c['task']['guidance_scale']}) from fixed noise (initial and per step), the same in every cell: validation "
+        f"{c['task']['samples_per_prompt']} per prompt, test "
         f"{c['task']['test_samples_per_prompt']} per prompt from other noise."
         + (f" Target-style score: the share of samples that the style judge calls `{c['task']['style']}` and the "
            f"content judge reads as the prompted digit (its parts: content score, styled share). The judges are "

@@ -10,11 +10,11 @@ fine-tunes it on the same kind of digits redrawn in a new style (``task.style``:
 Loss: DDPM noise prediction (MSE), captions dropped with a small probability so that sampling can use
 classifier-free guidance. Evaluation: the denoising loss on fixed noise and timesteps, and the target-style
 score: DDIM samples (``task.sample_eta`` 1: ancestral steps) from fixed noise for every prompt (the same noise
-for every method, seed and step), judged by two classifiers trained on the digits drawn plainly and in the style: the share of samples
-that are in the target style and show the prompted digit (its parts: the content score, the styled share).
-Validation and test sample from disjoint noise; the test split draws more samples per prompt and keeps each
-sample's verdict (per-item predictions, for paired intervals). A grid of the samples (one per prompt) is kept
-with the metrics as a base64 PNG for the Fig. 3 sample grid.
+for every method, seed and step), judged by two classifiers trained on the digits drawn plainly and in the
+style: the share of samples that are in the target style and show the prompted digit (its parts: the content
+score, the styled share). Validation and test sample from disjoint noise; the test split draws more samples per
+prompt and keeps each sample's verdict (per-item predictions, for paired intervals). A grid of the samples (one
+per prompt) is kept with the metrics as a base64 PNG for the Fig. 3 sample grid.
 
 paper scale: a Stable Diffusion checkpoint (``model.path``: UNet, VAE, text encoder, tokenizer and scheduler
 in diffusers' subfolders) on a captioned image set (``task.dataset``: a hub id or a local imagefolder with a
@@ -439,8 +439,8 @@ class Text2ImageTask:
         denoise_loss = float(torch.cat(losses).mean())
         device = next(model.parameters()).device
         images = sample(model, self.scheduler, self.states[prompts].to(device), self.states[-1:].to(device),
-                        self.cfg.sample_steps, self.cfg.guidance_scale, self.sample_shape, seed=SAMPLE_NOISE_SEED + offset,
-                        eta=self.cfg.sample_eta)
+                        self.cfg.sample_steps, self.cfg.guidance_scale, self.sample_shape,
+                        seed=SAMPLE_NOISE_SEED + offset, eta=self.cfg.sample_eta)
         if self.vae is not None:
             images = self.vae.to(device).decode(images / self.vae.config.scaling_factor).sample
         images = images.clamp(-1, 1)
