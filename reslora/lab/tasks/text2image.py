@@ -185,8 +185,7 @@ def sample(model, scheduler, states: torch.Tensor, empty: torch.Tensor, steps: i
     both = torch.cat([empty.expand(len(states), -1, -1), states])
     for t in ddim.timesteps:
         uncond, cond = model(torch.cat([x, x]), t, encoder_hidden_states=both).sample.chunk(2)
-        step_noise = torch.randn(x.shape, generator=generator).to(x.device) if eta else None
-        x = ddim.step(uncond + guidance * (cond - uncond), t, x, eta=eta, variance_noise=step_noise).prev_sample
+        x = ddim.step(uncond + guidance * (cond - uncond), t, x, eta=eta, generator=generator).prev_sample
     return x
 
 
