@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from reslora.lab.tasks import seeded_parts
 from reslora.lab.tasks.reasoning import (ReasoningTask, answer_complete, extract_answer, gsm8k_example, is_correct,
                                     svamp_example)
 
@@ -85,6 +86,9 @@ def test_splits_from_the_mirror_are_disjoint_and_fixed(name, sizes):
         assert not prompts["test"] & (prompts["train"] | prompts["validation"])
     again, _ = task(name).examples()
     assert [e.prompt for e in again["validation"]] == [e.prompt for e in splits["validation"]]
+    if name != "svamp":  # the shared split helper's order (SVAMP's train is itself a seeded part of one file)
+        n_train = sizes[0] + sizes[1]
+        assert [e.id for e in splits["validation"]] == list(seeded_parts(n_train, 0, {"validation": 50})["validation"])
     for ex in splits["train"][:50] + splits["test"][:50]:
         assert extract_answer(ex.target, ex.kind) == ex.answer
 

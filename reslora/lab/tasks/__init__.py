@@ -37,9 +37,8 @@ class Task(Protocol):
 def seeded_parts(n: int, seed: int, sizes: dict[str, int | None]) -> dict[str, np.ndarray]:
     """Disjoint parts of ``range(n)``, taken one after another from a seeded random order, in the order of
     ``sizes`` (a size of None: all that is left). The order is ``np.random.default_rng(seed).permutation(n)``, the
-    one ``datasets.Dataset.shuffle(seed=...)`` draws, so GLUE's and text-to-image's splits are unchanged by it.
-    The reasoning tasks still draw with ``random.Random`` (their records were made so; switching changes Table 1's
-    splits, which needs a rerun of Table 1)."""
+    one ``datasets.Dataset.shuffle(seed=...)`` draws. Every task family splits with it (GLUE, reasoning,
+    text-to-image)."""
     order = np.random.default_rng(seed).permutation(n)
     parts, start = {}, 0
     for name, size in sizes.items():

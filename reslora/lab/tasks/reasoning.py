@@ -14,11 +14,11 @@ dev and test, so training uses a seeded part of dev and validation the rest of i
 from __future__ import annotations
 
 import json
-import random
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from . import seeded_parts
 from .mirror import verify_mirror_file
 
 ANSWER_PREFIX = "The answer is"
@@ -156,8 +156,9 @@ def mirror_splits(task: str, mirror: Path, split_seed: int, cache_dir: str | Pat
         return {"train": _read(files["train"]), "test": _read(files["test"])}, "official train/test"
     if task == "svamp":
         items = _read(files["all"])
-        random.Random(split_seed).shuffle(items)
-        return {"train": items[:700], "test": items[700:]}, "1,000 items split 700/300 (train/test) with a fixed seed"
+        parts = seeded_parts(len(items), split_seed, {"train": 700, "test": None})
+        return ({split: [items[i] for i in part] for split, part in parts.items()},
+                "1,000 items split 700/300 (train/test) with a fixed seed")
     dev = _read(files["dev"])
     return ({"train": dev, "test": _read(files["test"])},
             "no train split offline: training and validation are drawn from dev; test is the official test")
@@ -218,13 +219,13 @@ class ReasoningTask:
         train = [replace(fmt(item), id=item["_row"]) for item in raw["train"]]
         test_fmt = gsm8k_example if self.name == "metamathqa" else fmt
         test = [replace(test_fmt(item), id=item["_row"]) for item in raw["test"]]
-        random.Random(cfg.split_seed).shuffle(train)
-        n_val = min(cfg.val_samples, len(train) // 5)
-        splits = {"validation": train[:n_val], "train": train[n_val:], "test": test}
-        if cfg.max_train_samples:
-            splits["train"] = splits["train"][:cfg.max_train_samples]
+        parts = seeded_parts(len(train), cfg.split_seed, {"validation": min(cfg.val_samples, len(train) // 5),
+                                                          "train": cfg.max_train_samples or None})
+        splits = {split: [train[i] for i in part] for split, part in parts.items()}
+        splits["test"] = test
         if cfg.max_test_samples and len(test) > cfg.max_test_samples:
-            splits["test"] = random.Random(cfg.split_seed).sample(test, cfg.max_test_samples)
+            splits["test"] = [test[i] for i in seeded_parts(len(test), cfg.split_seed,
+                                                            {"test": cfg.max_test_samples})["test"]]
         return splits, note
 
     def datasets(self):

@@ -210,8 +210,8 @@ def fit_classifier(x: torch.Tensor, y: torch.Tensor, classes: int, held_out: int
                    styled: torch.Tensor | None = None) -> tuple[DigitClassifier, dict]:
     """A seeded ``DigitClassifier`` trained on all but the last ``held_out`` of a fixed permutation of (x, y);
     its accuracy on those (also separately on the plain and the ``styled`` ones, where a mask is given)."""
-    order = torch.from_numpy(np.random.default_rng(0).permutation(len(y)))
-    train, held = order[:-held_out], order[-held_out:]
+    parts = seeded_parts(len(y), 0, {"train": len(y) - held_out, "held": None})
+    train, held = (torch.from_numpy(parts[k]) for k in ("train", "held"))
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     classifier = DigitClassifier(classes)
