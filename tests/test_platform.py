@@ -174,3 +174,18 @@ def test_seeded_parts_are_disjoint_and_draw_the_order_datasets_shuffle_draws():
     shuffled = Dataset.from_dict({"i": list(range(50))}).shuffle(seed=3)["i"]
     assert list(np.concatenate(list(parts.values()))) == shuffled
     assert [len(p) for p in seeded_parts(5, 0, {"validation": 8, "train": 4}).values()] == [5, 0]
+
+
+def test_lr_schedule_is_transformers_linear_except_that_the_first_warmup_step_already_trains():
+    import torch
+    from transformers import get_scheduler
+
+    from reslora.lab.train import get_lr_factor
+
+    for warmup, total in ((0, 10), (1, 20), (3, 50)):
+        theirs = get_scheduler("linear", torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0),
+                               num_warmup_steps=warmup, num_training_steps=total).lr_lambdas[0]
+        ours = [get_lr_factor(s, warmup, total) for s in range(total + 1)]
+        assert ours[warmup:] == [theirs(s) for s in range(warmup, total + 1)] and ours[-1] == 0.0
+        assert ours[:warmup] == [theirs(s + 1) for s in range(warmup)]  # transformers' warmup, one step earlier
+        assert ours[0] > 0 and (warmup == 0 or theirs(0) == 0.0)

@@ -43,7 +43,11 @@ CALIBRATION_SEED = 0  # the random inputs (text-to-image noise) of the merge_ls 
 
 
 def get_lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Linear warmup to the peak, then linear decay to zero (as in LoRA and the authors' scripts)."""
+    """Linear warmup to the peak, then linear decay to zero (as in LoRA and the authors' scripts). From step
+    ``warmup_steps`` on it is ``transformers.get_scheduler("linear")``'s factor; during warmup it is
+    (step + 1) / warmup where transformers' is step / warmup, which gives the first step lr 0: an update that does
+    nothing (Table 1's runs, 20 steps with warmup 1, would lose 1 of 20). No get_scheduler setting gives this
+    schedule, so it stays written out here."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
