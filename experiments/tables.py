@@ -337,7 +337,8 @@ def table4(results: Path, scale: str) -> Path:
                                              for k in pre_nums[1:]]),
         "",
         "Figures: `figures/fig4_loss_vs_prenum.png` (bs, as the paper's Fig. 4) and `fig4_loss_vs_prenum_ms.png` "
-        "(train loss, moving average over 10 steps; band = min–max over seeds), `figures/fig5_norm_heatmap.png` (‖merged ResLoRA_bs block‖_F − ‖LoRA block‖_F on MRPC, "
+        "(train loss, moving average over 10 steps; band = min–max over seeds), `figures/fig5_norm_heatmap.png` "
+        "(‖merged ResLoRA_bs block‖_F − ‖LoRA block‖_F on MRPC, "
         "mean over seeds), `figures/grad_flow.png` (per-layer gradient norms of A and B on MRPC).",
     ]
     out = results / output_name("table4", scale, ".md")
@@ -497,7 +498,8 @@ def fig3(results: Path, scale: str, threshold: float) -> Path:
             final.append(f"| {record_label(runs[0])} | {name} | " + " | ".join(values) + f" | {loss:.4f} |")
     compared = []
     if scored and "lora" in by_method:
-        compared = [f"| row − {record_label(by_method['lora'][0])}, test, merged | " + " | ".join(f"{p.replace('_', ' ')} (points)" for p in parts)
+        compared = [f"| row − {record_label(by_method['lora'][0])}, test, merged | "
+                    + " | ".join(f"{p.replace('_', ' ')} (points)" for p in parts)
                     + " |", "|---" * (len(parts) + 1) + "|"]
         for method, runs in by_method.items():
             if method != "lora":
@@ -562,7 +564,8 @@ def fig3(results: Path, scale: str, threshold: float) -> Path:
         "",
         "Figures: `figures/fig3_samples.png` (seed 0: one column per method, a row per step, one sample per prompt "
         "(digits 0-9) from the same noise: validation noise at each step; first row, the base before fine-tuning, and "
-        "last row, the selected merged model, on test noise), `figures/fig3_curves.png` (train denoising loss, moving average over 20 steps, the training graph; "
+        "last row, the selected merged model, on test noise), `figures/fig3_curves.png` (train denoising loss, "
+        "moving average over 20 steps, the training graph; "
         "validation denoising loss and headline, merged; mean over seeds, band = min–max).",
     ]
     out = results / output_name("fig3", scale, ".md")
