@@ -101,6 +101,7 @@ def test_table1_with_zero_shot_reference_from_records(tmp_path, monkeypatch):
     zero_shot = json.loads((results / "records/smoke/table1/svamp/zero_shot/seed0.json").read_text())
     assert zero_shot["status"] == "ok" and zero_shot["trainable_params"] == 0 and zero_shot["train_loss"] == []
     assert zero_shot["config"]["model"]["name"] == "smollm2-135m" and 0 <= zero_shot["headline"] <= 1
+    assert zero_shot["time_s"]["test/unmerged"] > zero_shot["time_s"]["other"]  # its test is timed as a test
     trained = json.loads((results / "records/smoke/table1/svamp/lora/seed0.json").read_text())
     assert trained["config"]["method"]["lora_alpha"] == 8 and trained["total_steps"] == 2  # the NLG alpha
     assert "700/300" in trained["split_note"]

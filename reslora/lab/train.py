@@ -245,15 +245,16 @@ def split_predictions(final: dict) -> tuple[dict, dict]:
     return metrics, items
 
 
-def evaluate_base(cfg, task, model, splits, accelerator, logger: RunLogger) -> RunRecord:
+def evaluate_base(cfg, task, model, splits, accelerator, logger: RunLogger, times: dict) -> RunRecord:
     """The reference row (method kind ``none``, e.g. zero-shot): the base model as it is, on the test
-    split(s), without training."""
+    split(s), without training (its time goes to 'test/unmerged')."""
     model.requires_grad_(False)
     loaders = {name: DataLoader(ds, batch_size=cfg.train.eval_batch_size, collate_fn=task.collate())
                for name, ds in splits.items() if name.startswith("test")}
     model, *prepared = accelerator.prepare(model, *loaders.values())
-    final, predictions = split_predictions(
-        {"unmerged": {name: task.evaluate(model, loader, accelerator) for name, loader in zip(loaders, prepared)}})
+    with timed(times, "test/unmerged"):
+        final, predictions = split_predictions(
+            {"unmerged": {name: task.evaluate(model, loader, accelerator) for name, loader in zip(loaders, prepared)}})
     headline = final["unmerged"]["test"][task.headline]
     logger.summary({"headline": headline})
     return {"trainable_params": 0, "total_params": sum(p.numel() for p in model.parameters()), "total_steps": 0,
@@ -289,7 +290,7 @@ def train_and_evaluate(cfg, config: dict, run_dir: Path, times: dict, logger: Ru
         "data_files": dict(FILES_READ),  # mirror files read, with their manifest's sha256 and example count
         **({"split_note": task.split_note} if getattr(task, "split_note", None) else {})}  # when the mirror split
     if cfg.method.kind == "none":
-        return {**setup, **evaluate_base(cfg, task, base, splits, accelerator, logger)}
+        return {**setup, **evaluate_base(cfg, task, base, splits, accelerator, logger, times)}
     steps_per_epoch = math.ceil(len(splits["train"]) / (t.batch_size * t.grad_accum * accelerator.num_processes))
     total_steps = t.max_steps or t.epochs * steps_per_epoch
     set_seed(cfg.seed)
