@@ -221,12 +221,9 @@ class ReasoningTask:
         test = [replace(test_fmt(item), id=item["_row"]) for item in raw["test"]]
         parts = seeded_parts(len(train), cfg.split_seed, {"validation": min(cfg.val_samples, len(train) // 5),
                                                           "train": cfg.max_train_samples or None})
-        splits = {split: [train[i] for i in part] for split, part in parts.items()}
-        splits["test"] = test
         if cfg.max_test_samples and len(test) > cfg.max_test_samples:
-            splits["test"] = [test[i] for i in seeded_parts(len(test), cfg.split_seed,
-                                                            {"test": cfg.max_test_samples})["test"]]
-        return splits, note
+            test = [test[i] for i in seeded_parts(len(test), cfg.split_seed, {"test": cfg.max_test_samples})["test"]]
+        return {**{split: [train[i] for i in part] for split, part in parts.items()}, "test": test}, note
 
     def datasets(self):
         from datasets import Dataset
