@@ -135,17 +135,26 @@ def failed_lines(records: list[dict], results: Path) -> list[str]:
                 "", *dirty] if dirty else []))
 
 
+def run_seconds(record: dict) -> float:
+    """A run's wall time; a resumed run's includes what its killed processes spent up to their last checkpoint."""
+    return record.get("wall_time_s", 0) + sum(record.get("time_before_resume_s", {}).values())
+
+
 def runs_took(records: list[dict]) -> str:
-    """Summed run time, and where it went (records that have the breakdown)."""
+    """Summed run time, and where it went (records that have the breakdown). A resumed run counts the time its
+    killed processes spent up to their last checkpoint too (what they did after it was redone)."""
     parts: dict[str, float] = {}
     for r in records:
-        for part, seconds in r.get("time_s", {}).items():
-            key = "test" if part.startswith("test/") else part
-            parts[key] = parts.get(key, 0.0) + seconds
+        for times in (r.get("time_s", {}), r.get("time_before_resume_s", {})):
+            for part, seconds in times.items():
+                key = "test" if part.startswith("test/") else part
+                parts[key] = parts.get(key, 0.0) + seconds
     breakdown = (f"; by part ({sum('time_s' in r for r in records)} records): "
                  + ", ".join(f"{part.replace('_', ' ')} {s / 60:.1f}" for part, s in parts.items())) if parts else ""
-    return (f"the runs took {sum(r.get('wall_time_s', 0) for r in records) / 60:.0f} minutes in all (sum of their "
-            f"wall times; the sweep runs two at a time{breakdown})")
+    resumed = [r for r in records if "resumed_at_step" in r]
+    return (f"the runs took {sum(map(run_seconds, records)) / 60:.0f} minutes in all (sum of their wall times"
+            + (f", {len(resumed)} resumed after a kill" if resumed else "")
+            + f"; the sweep runs two at a time{breakdown})")
 
 
 def write_markdown(path: Path, lines: list[str]) -> None:
@@ -175,7 +184,7 @@ def run_minutes_by_group(records: list[dict]) -> str:
     minutes: dict[str, dict[str, float]] = {}
     for r in records:
         per_task = minutes.setdefault(group(r["method"]), {})
-        per_task[r["task"]] = per_task.get(r["task"], 0.0) + r.get("wall_time_s", 0) / 60
+        per_task[r["task"]] = per_task.get(r["task"], 0.0) + run_seconds(r) / 60
     return "; ".join(f"{name} " + ", ".join(f"{task} {m:.0f}" for task, m in per_task.items())
                      + f" (all {sum(per_task.values()):.0f})" for name, per_task in minutes.items())
 

@@ -104,6 +104,11 @@ def test_a_killed_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path, signa
     straight, resumed = record(tmp_path / "straight", method="reslora_ms"), record(tmp_path / "killed", method="reslora_ms")
     assert resumed["train_loss"] == straight["train_loss"]
     assert resumed["final"] == straight["final"] and resumed["eval"] == straight["eval"]
+    # Its record keeps the killed process's time up to the checkpoint at step 2, by part.
+    assert resumed["resumed_at_step"] == 2 and "resumed_at_step" not in straight
+    earlier = resumed["time_before_resume_s"]
+    assert {"model_load", "data", "train_steps", "validation"} <= set(earlier)
+    assert all(seconds > 0 for seconds in earlier.values())
 
 
 @needs_data

@@ -178,3 +178,14 @@ def test_a_row_listed_twice_in_the_order_is_shown_once():
     from reslora.lab.report import ordered
 
     assert ordered({"b", "a", "z"}, ["a", "b", "a", "b"]) == ["a", "b", "z"]
+
+
+def test_run_time_counts_what_a_resumed_runs_killed_process_spent():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from tables import runs_took
+
+    records = [{"wall_time_s": 60, "time_s": {"train_steps": 40, "test/merged": 20}},
+               {"wall_time_s": 30, "time_s": {"test/merged": 30}, "resumed_at_step": 20,
+                "time_before_resume_s": {"train_steps": 90}}]
+    assert runs_took(records) == ("the runs took 3 minutes in all (sum of their wall times, 1 resumed after a kill; "
+                                  "the sweep runs two at a time; by part (2 records): train steps 2.2, test 0.8)")

@@ -86,7 +86,9 @@ class RunRecord(TypedDict, total=False):
     time_s: dict                # seconds by part: model_load, data, train_steps, validation, checkpoint, merge,
                                 # test/<mode>, writing, other
     train_loop_s: float
-    wall_time_s: float
+    wall_time_s: float          # of this process; a resumed run's killed processes: time_before_resume_s
+    resumed_at_step: int        # a run resumed from its checkpoint: that step
+    time_before_resume_s: dict  # seconds by part that the killed processes spent up to their last checkpoint
     peak_memory_mb: float
 
 

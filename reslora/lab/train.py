@@ -39,6 +39,7 @@ from .tasks.mirror import FILES_READ
 from .wandb_logger import RunLogger, run_id
 
 
+LOOP_PARTS = ("validation", "checkpoint", "merge")  # timed inside the training loop; the rest of it is train_steps
 CALIBRATION_SEED = 0  # the random inputs (text-to-image noise) of the merge_ls calibration batches
 
 
@@ -355,8 +356,15 @@ def train_and_evaluate(cfg, config: dict, run_dir: Path, times: dict, logger: Ru
         scheduler.load_state_dict(saved["scheduler"])
         progress, pending_rng = saved["progress"], saved["rng"]
         print(f"resumed from {checkpoint} at step {progress['step']}")
+    resumed_at_step, earlier_s = progress["step"], dict(progress.get("spent_s", {}))  # the killed processes' time
+
+    def spent_s() -> dict:
+        """Seconds by part so far, this process's and the killed ones' (up to their last checkpoint)."""
+        own = {**times, "train_steps": time.time() - loop_start - sum(times.get(p, 0.0) for p in LOOP_PARTS)}
+        return {part: earlier_s.get(part, 0.0) + own.get(part, 0.0) for part in {**earlier_s, **own}}
 
     def save_checkpoint():
+        progress["spent_s"] = spent_s()  # a resumed run's record adds it: time_before_resume_s
         if accelerator.is_main_process:
             with atomic_path(checkpoint) as tmp:
                 torch.save({"config": config, "model": trainable_state(unwrapped),
@@ -420,8 +428,7 @@ def train_and_evaluate(cfg, config: dict, run_dir: Path, times: dict, logger: Ru
                 os.kill(os.getpid(), getattr(signal, f"SIG{cfg.debug.kill_signal}"))
     bar.close()
     train_loop_s = time.time() - loop_start  # this process's share, after any resume
-    times["train_steps"] = train_loop_s - times.get("validation", 0.0) - times.get("checkpoint", 0.0) \
-        - times.get("merge", 0.0)
+    times["train_steps"] = train_loop_s - sum(times.get(part, 0.0) for part in LOOP_PARTS)
 
     # Final evaluation: the model selected on validation, on the test split(s), in every eval mode.
     best = progress["best"]
@@ -450,4 +457,5 @@ def train_and_evaluate(cfg, config: dict, run_dir: Path, times: dict, logger: Ru
             "headline_mode": modes[0], "headline_metric": task.headline, "train_loss": progress["train_loss"],
             "eval": progress["eval"], "grad_norms": progress["grad_norms"],
             "best": {"step": best["step"], "validation": best["validation"]}, **adapted, "final": final,
-            "predictions": predictions, "headline": headline, "train_loop_s": train_loop_s}
+            "predictions": predictions, "headline": headline, "train_loop_s": train_loop_s,
+            **({"resumed_at_step": resumed_at_step, "time_before_resume_s": earlier_s} if resumed_at_step else {})}
