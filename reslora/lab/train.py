@@ -358,10 +358,14 @@ def train_and_evaluate(cfg, config: dict, run_dir: Path, times: dict, logger: Ru
         print(f"resumed from {checkpoint} at step {progress['step']}")
     resumed_at_step, earlier_s = progress["step"], dict(progress.get("spent_s", {}))  # the killed processes' time
 
+    def train_steps_s() -> float:
+        """This process's time in the loop so far, less the parts timed inside it."""
+        return time.time() - loop_start - sum(times.get(part, 0.0) for part in LOOP_PARTS)
+
     def spent_s() -> dict:
         """Seconds by part so far, this process's and the killed ones' (up to their last checkpoint)."""
-        own = {**times, "train_steps": time.time() - loop_start - sum(times.get(p, 0.0) for p in LOOP_PARTS)}
-        return {part: earlier_s.get(part, 0.0) + own.get(part, 0.0) for part in {**earlier_s, **own}}
+        own = {**times, "train_steps": train_steps_s()}
+        return {part: earlier_s.get(part, 0.0) + own.get(part, 0.0) for part in {*earlier_s, *own}}
 
     def save_checkpoint():
         progress["spent_s"] = spent_s()  # a resumed run's record adds it: time_before_resume_s
@@ -428,7 +432,7 @@ def train_and_evaluate(cfg, config: dict, run_dir: Path, times: dict, logger: Ru
                 os.kill(os.getpid(), getattr(signal, f"SIG{cfg.debug.kill_signal}"))
     bar.close()
     train_loop_s = time.time() - loop_start  # this process's share, after any resume
-    times["train_steps"] = train_loop_s - sum(times.get(part, 0.0) for part in LOOP_PARTS)
+    times["train_steps"] = train_steps_s()
 
     # Final evaluation: the model selected on validation, on the test split(s), in every eval mode.
     best = progress["best"]
