@@ -6,7 +6,7 @@ NOTEBOOKS ?= table1 table2 ablations lr_sweep fig3
 SCALE ?= cpu
 export DATA_MIRROR
 
-.PHONY: help setup train test test-slow check-records reproduce-lr-sweep lr-sweep merge-memory notebooks reproduce-table1 reproduce-table2 reproduce-table3 reproduce-table4 table1 table2 table3 table4 t2i-base reproduce-fig3 fig3 bench nlg-cost clean-runs
+.PHONY: help setup train test test-slow check-records reproduce-ten-seeds reproduce-lr-sweep lr-sweep merge-memory notebooks reproduce-table1 reproduce-table2 reproduce-table3 reproduce-table4 table1 table2 table3 table4 t2i-base reproduce-fig3 fig3 bench nlg-cost clean-runs
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_% -]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-50s %s\n", $$1, $$2}'
@@ -44,6 +44,18 @@ reproduce-table1: setup ## the paper's Table 1 (NLG: GSM8K, SVAMP, MathQA) at SC
 	for sweep in $(TABLE1_SWEEPS); do \
 		$(PY) experiments/train.py -m experiment=$$sweep scale=$(SCALE)_nlg hydra/launcher=joblib_cpu || exit 1; done
 	$(MAKE) table1 SCALE=$(SCALE)
+
+# Seeds 3-9 on SST-2 and STS-B (conf/experiment/ten_seeds.yaml), seed by seed: Table 2's rows, then the lr
+# sweep's rows at each method's rate selected on validation over seeds 0-2.
+TEN_SEEDS ?= 3 4 5 6 7 8 9
+TEN_SEEDS_LR = "task=sst2 method=lora,reslora_is,reslora_bs train.lr=4e-3" "task=stsb method=reslora_ms train.lr=1e-3"
+reproduce-ten-seeds: setup ## seeds 3-9 of Table 2's rows and the lr sweep's selected rates on SST-2 and STS-B (cpu scale, about 7 h of runs); reruns only missing cells
+	for seed in $(TEN_SEEDS); do \
+		$(PY) experiments/train.py -m experiment=ten_seeds scale=$(SCALE) seed=$$seed hydra/launcher=joblib_cpu || exit 1; \
+		for cells in $(TEN_SEEDS_LR); do \
+			$(PY) experiments/train.py -m experiment=lr_sweep scale=$(SCALE) $$cells seed=$$seed hydra/launcher=joblib_cpu || exit 1; \
+		done; done
+	$(MAKE) table2 lr-sweep SCALE=$(SCALE)
 
 reproduce-lr-sweep: setup ## LoRA and ResLoRA at 5 learning rates on SST-2 and STS-B (the centre rate from Table 2: run reproduce-table2 first); reruns only missing cells
 	$(PY) experiments/train.py -m experiment=lr_sweep scale=$(SCALE) hydra/launcher=joblib_cpu

@@ -214,7 +214,8 @@ class GlueTask:
     @torch.no_grad()
     def evaluate(self, model, loader, accelerator) -> dict:
         """The metrics, and under ``items`` each example's id (its row in the source file), prediction (class,
-        or score for STS-B) and label: what paired statistics over test items need."""
+        or score for STS-B, the float32 value unrounded, so that the metric recomputes exactly) and label: what
+        paired statistics over test items need."""
         model.eval()
         ids, predictions, labels = [], [], []
         for batch in loader:
@@ -228,5 +229,5 @@ class GlueTask:
         if self.spec.num_labels > 1:
             predictions, labels = predictions.astype(int), labels.astype(int)
         items = {"id": torch.cat(ids).tolist(), "label": labels.tolist(),
-                 "prediction": predictions.tolist() if self.spec.num_labels > 1 else predictions.round(4).tolist()}
+                 "prediction": predictions.tolist()}
         return {**compute_metrics(self.spec.metrics, predictions, labels), "items": items}
