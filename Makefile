@@ -6,7 +6,7 @@ NOTEBOOKS ?= table1 table2 ablations lr_sweep fig3
 SCALE ?= cpu
 export DATA_MIRROR
 
-.PHONY: help setup train test test-slow check-records reproduce-ten-seeds reproduce-lr-sweep lr-sweep merge-memory notebooks reproduce-table1 reproduce-table2 reproduce-table3 reproduce-table4 table1 table2 table3 table4 t2i-base reproduce-fig3 fig3 bench nlg-cost clean-runs
+.PHONY: help setup train test test-slow check-records reproduce-ten-seeds reproduce-mechanism mechanism reproduce-lr-sweep lr-sweep merge-memory notebooks reproduce-table1 reproduce-table2 reproduce-table3 reproduce-table4 table1 table2 table3 table4 t2i-base reproduce-fig3 fig3 bench nlg-cost clean-runs
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_% -]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-50s %s\n", $$1, $$2}'
@@ -56,6 +56,18 @@ reproduce-ten-seeds: setup ## seeds 3-9 of Table 2's rows and the lr sweep's sel
 			$(PY) experiments/train.py -m experiment=lr_sweep scale=$(SCALE) $$cells seed=$$seed hydra/launcher=joblib_cpu || exit 1; \
 		done; done
 	$(MAKE) table2 lr-sweep SCALE=$(SCALE)
+
+# Issue 32, the gradient-path ablation (conf/experiment/mechanism.yaml): the detached ResLoRA rows on SST-2 and
+# STS-B (10 seeds) and SVAMP (3 seeds); the other rows are Table 2's and Table 1's cells (run those first).
+MECHANISM_SEEDS ?= 0 1 2 3 4 5 6 7 8 9
+reproduce-mechanism: setup ## ResLoRA with its shortcut's gradient detached (SST-2, STS-B: 10 seeds; SVAMP: 3), then `make mechanism`; reruns only missing cells
+	for seed in $(MECHANISM_SEEDS); do \
+		$(PY) experiments/train.py -m experiment=mechanism scale=$(SCALE) seed=$$seed hydra/launcher=joblib_cpu || exit 1; done
+	$(PY) experiments/train.py -m experiment=mechanism scale=$(SCALE)_nlg task=svamp seed=0,1,2 hydra/launcher=joblib_cpu
+	$(MAKE) mechanism SCALE=$(SCALE)
+
+mechanism: setup ## the effective-scale prediction (base models' inputs vs the records' deployed update sizes) -> results/mechanism.md, mechanism_scale.json (about 5 min)
+	$(PY) experiments/mechanism.py --scale $(SCALE)
 
 reproduce-lr-sweep: setup ## LoRA and ResLoRA at 5 learning rates on SST-2 and STS-B (the centre rate from Table 2: run reproduce-table2 first); reruns only missing cells
 	$(PY) experiments/train.py -m experiment=lr_sweep scale=$(SCALE) hydra/launcher=joblib_cpu

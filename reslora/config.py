@@ -29,6 +29,12 @@ class ResLoraConfig:
     layer_order: module-name prefixes in the order their blocks run, when that differs from the order in
         which they are registered (chains follow it): diffusers' UNet registers ``up_blocks`` before
         ``mid_block``, so it needs ``["down_blocks", "mid_block", "up_blocks"]``. Empty: registration order.
+    detach_shortcut: a research ablation, off by default (never use it to train a real ResLoRA model). The
+        forward pass is unchanged bit for bit, but no gradient flows through the residual terms: ``is``
+        through x_{n-1} in layer n's branch, ``ms`` through A_{n-k} d(x_{n-k}) (k >= 1) in layer n's sum,
+        ``bs`` through the previous blocks' B_{n-k} A_{n-k} in layer n's sum. Each block then learns only
+        from its own layer's use of it, which separates the paper's gradient-path argument (its Sec. 3.4)
+        from the forward rescaling that the residual terms also bring.
     """
 
     variant: str = "lora"
@@ -40,6 +46,7 @@ class ResLoraConfig:
     window: int = 100
     modules_to_save: list[str] = field(default_factory=list)
     layer_order: list[str] = field(default_factory=list)
+    detach_shortcut: bool = False
     base_model_name_or_path: str | None = None  # the base model's hub id or path, saved with the adapter
     task_type: str | None = None  # PEFT's task type (SEQ_CLS, CAUSAL_LM, ...); None: inferred from the base class
 
@@ -65,6 +72,8 @@ class ResLoraConfig:
             raise ValueError(f"target_modules={self.target_modules!r} must be a list of names or a regex string")
         self.modules_to_save = list(self.modules_to_save or [])
         self.layer_order = list(self.layer_order or [])
+        if not isinstance(self.detach_shortcut, bool):
+            raise ValueError(f"detach_shortcut={self.detach_shortcut!r} must be True or False")
         if not all(isinstance(p, str) and p for p in self.layer_order):
             raise ValueError(f"layer_order={self.layer_order!r} must be a list of module-name prefixes")
 

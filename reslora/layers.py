@@ -53,12 +53,13 @@ class ResLoraLinear(nn.Module):
 
     The frozen ``base_layer`` is the original linear module; ``lora_A`` (r x in, Kaiming-uniform as in LoRA)
     and ``lora_B`` (out x r, zeros) are the trainable tensors, so with B at its init the layer equals the
-    base layer. The residual terms are never detached: the shorter backward path through them is the
-    point of the method (paper Sec. 3.4).
+    base layer. The residual terms carry gradient: the shorter backward path through them is the point of the
+    method (paper Sec. 3.4); only the research ablation ``detach_shortcut`` (ResLoraConfig) cuts it, leaving
+    the forward values as they are.
     """
 
     def __init__(self, base_layer: nn.Linear, variant: str, r: int, lora_alpha: float, lora_dropout: float,
-                 window: int, slot: ForwardSlot):
+                 window: int, slot: ForwardSlot, detach_shortcut: bool = False):
         super().__init__()
         self.base_layer = base_layer
         self.variant = variant
@@ -70,6 +71,7 @@ class ResLoraLinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.window = window
+        self.detach_shortcut = detach_shortcut
         if variant in ("is", "ms"):
             # Sliding windows of ||x_n||_F and, for ms, ||A_n d(x_n)||_F: kept on the device and written
             # without a host sync; read only when merging (method.md, "Input statistics").
@@ -110,16 +112,18 @@ class ResLoraLinear(nn.Module):
             A, B = self.lora_A, self.lora_B
             if self.variant == "bs" and self.prev:
                 # Sum_k B_{n-k} A_{n-k} as one rank-(m+1)r product: one matmul pair, not m+1.
-                A = torch.cat([A, *(p.lora_A for p in self.prev)], dim=0)
-                B = torch.cat([B, *(p.lora_B for p in self.prev)], dim=1)
+                A = torch.cat([A, *(self._shortcut(p.lora_A) for p in self.prev)], dim=0)
+                B = torch.cat([B, *(self._shortcut(p.lora_B) for p in self.prev)], dim=1)
             return self._add_scaled(out, F.linear(F.linear(self.lora_dropout(x), A), B))
 
         state = self._forward_state()
         if self.variant == "is":
             state.saved[self] = x
             x_prev = self._saved_of_previous(state, x)
-            if x_prev is None:  # first block of a chain: x_{n-1} := x_n
+            if x_prev is None:  # first block of a chain: x_{n-1} := x_n (its own input, not a shortcut)
                 x_prev = x
+            else:
+                x_prev = self._shortcut(x_prev)
             branch = F.linear(self.lora_dropout(x + x_prev), self.lora_A)
             self._record(state, x)
         else:  # ms
@@ -128,9 +132,13 @@ class ResLoraLinear(nn.Module):
             branch = ax
             if self._saved_of_previous(state, ax) is not None:
                 for p in self.prev:
-                    branch = branch + state.saved[p]
+                    branch = branch + self._shortcut(state.saved[p])
             self._record(state, x, ax)
         return self._add_scaled(out, F.linear(branch, self.lora_B))
+
+    def _shortcut(self, residual: torch.Tensor) -> torch.Tensor:
+        # detach() returns the same values, so the forward stays bit-identical; only the backward changes
+        return residual.detach() if self.detach_shortcut else residual
 
     def _add_scaled(self, out: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
         # out + s * branch as one kernel (add with alpha): a separate multiply would be one more pass over a
@@ -185,4 +193,5 @@ class ResLoraLinear(nn.Module):
         return self.input_norms[:filled].mean(), self.ax_norms[:filled].mean()
 
     def extra_repr(self) -> str:
-        return f"variant={self.variant}, r={self.r}, scaling={self.scaling:g}, previous_blocks={len(self.prev)}"
+        detached = ", detach_shortcut=True" if self.detach_shortcut else ""
+        return f"variant={self.variant}, r={self.r}, scaling={self.scaling:g}, previous_blocks={len(self.prev)}{detached}"

@@ -198,7 +198,7 @@ class ResLoraModel(nn.Module):
         for name, module in targets:
             parent_name, _, child = name.rpartition(".")
             layer = ResLoraLinear(module, config.variant, config.r, config.lora_alpha, config.lora_dropout,
-                                  config.window, self._slot)
+                                  config.window, self._slot, detach_shortcut=config.detach_shortcut)
             setattr(self.base_model.get_submodule(parent_name), child, layer)
 
     def _unfreeze_modules_to_save(self, patterns: list[str]) -> None:

@@ -23,7 +23,9 @@ def apply_method(model, method_cfg, model_cfg, total_steps: int):
             variant=method_cfg.variant, r=method_cfg.r, lora_alpha=method_cfg.lora_alpha,
             lora_dropout=method_cfg.lora_dropout, target_modules=targets, pre_num=method_cfg.pre_num,
             window=method_cfg.window, modules_to_save=head, layer_order=list(model_cfg.get("layer_order", [])),
-            base_model_name_or_path=model_cfg.path))
+            base_model_name_or_path=model_cfg.path,
+            # only the ablation's method configs name it, so the other rows' configs (and records) are unchanged
+            detach_shortcut=method_cfg.get("detach_shortcut", False)))
     if method_cfg.kind == "peft":
         options = OmegaConf.to_container(method_cfg.peft, resolve=True)
         if options.get("peft_type") not in PEFT_TYPES:
