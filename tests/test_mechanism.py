@@ -1,0 +1,108 @@
+"""experiments/mechanism.py, the effective-scale prediction: its measurements on models whose consecutive
+target-layer inputs are known exactly, and a whole run on a tiny random BERT against the committed records."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from _models import BERT
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+import mechanism  # noqa: E402
+
+
+class Geometric(nn.Module):
+    """Four target layers ``blocks.i.proj`` whose inputs are x / ratio**i: x_{n-1} = ratio * x_n exactly."""
+
+    def __init__(self, ratio: float):
+        super().__init__()
+        self.ratio = ratio
+        self.blocks = nn.ModuleList(nn.ModuleDict({"proj": nn.Linear(6, 6)}) for _ in range(4))
+
+    def forward(self, x):
+        return sum(block["proj"](x / self.ratio ** i) for i, block in enumerate(self.blocks))
+
+
+def geometric_source(ratio: float, pre_num_bs: int = 1) -> mechanism.Source:
+    torch.manual_seed(0)
+    batches = [{"x": torch.randn(3, 5, 6)}, {"x": torch.randn(2, 5, 6)}]
+    return mechanism.Source("sst2", "geometric", Geometric(ratio), ["proj"], batches, r=2,
+                            pre_num={"bs": pre_num_bs, "ms": 2}, records_scale="cpu", records_tag="table2")
+
+
+@pytest.mark.parametrize("ratio", [1.0, 2.0])
+def test_inputs_proportional_to_the_previous_ones(ratio):
+    layers = mechanism.measure(geometric_source(ratio))
+    assert [row["position"] for row in layers] == [0, 1, 2, 3]
+    for row in layers[1:]:
+        assert row["cos"] == pytest.approx(1.0, abs=1e-9)
+        assert row["token_cos"] == pytest.approx(1.0, abs=1e-9)
+        assert row["norm_ratio"] == pytest.approx(ratio, rel=1e-9)
+        assert row["c"] == pytest.approx(ratio, rel=1e-9)
+        assert row["is_alpha"] == pytest.approx(ratio, rel=1e-5)  # the library's float32 statistics
+    predicted = mechanism.predict(layers, {"bs": 1, "ms": 2})
+    # is: 2 for the first block (x_{n-1} := x_n), 1 + ratio for the others
+    assert predicted["is"]["deployed"] == pytest.approx((2 + 3 * (1 + ratio)) / 4, rel=1e-5)
+    assert predicted["is"]["forward"] == pytest.approx((2 + 3 * (1 + ratio)) / 4, rel=1e-9)
+    # bs with pre_num 1: 1 for the first block, sqrt(2) (uncorrelated) or 2 (aligned) for the others
+    assert predicted["bs"]["deployed"] == pytest.approx((1 + 3 * math.sqrt(2)) / 4)
+    assert predicted["bs"]["deployed_aligned"] == pytest.approx((1 + 3 * 2) / 4)
+    # ms (pre_num 2): previous blocks add to the branch from the second block on; the first has none
+    assert [row["previous_blocks"] for row in layers] == [0, 1, 2, 2]
+    assert layers[0]["ms_forward"] == 1.0 and layers[0]["ms_alpha"] == 0.0
+    assert all(row["ms_forward"] != 1.0 and row["ms_alpha"] > 0.0 for row in layers[1:])
+
+
+def test_bs_blocks_follow_pre_num():
+    assert [mechanism.bs_blocks(n, 2) for n in range(5)] == [0, 1, 2, 2, 2]
+    assert [mechanism.bs_blocks(n, -1) for n in range(5)] == [0, 1, 2, 3, 4]
+
+
+def test_update_cosine_of_orthogonal_and_equal_updates():
+    # merged_n = |own_n + own_{n-1}|: orthogonal blocks give sqrt(a^2 + b^2), equal ones a + b
+    orthogonal = {"x.0.proj": {"own": 3.0, "merged": 3.0}, "x.1.proj": {"own": 4.0, "merged": 5.0}}
+    aligned = {"x.0.proj": {"own": 3.0, "merged": 3.0}, "x.1.proj": {"own": 4.0, "merged": 7.0}}
+    assert mechanism.update_cosine(orthogonal) == pytest.approx(0.0)
+    assert mechanism.update_cosine(aligned) == pytest.approx(1.0)
+
+
+def test_own_ratio_from_controls_interpolates_in_log_scale():
+    curve = {1.0: 1.0, 2.0: 1.6, 4.0: 2.4}  # own ratios D(k)/k: 1, 0.8, 0.6
+    assert mechanism.own_ratio_from_controls(curve, 1.0) == pytest.approx(1.0)
+    assert mechanism.own_ratio_from_controls(curve, math.sqrt(2)) == pytest.approx(0.9)
+    assert mechanism.own_ratio_from_controls(curve, 4.0) == pytest.approx(0.6)
+
+
+def test_a_tiny_random_bert_against_the_committed_records(tmp_path):
+    torch.manual_seed(0)
+    batches = [BERT.inputs(seed) for seed in range(2)]
+    source = mechanism.Source("sst2", "tiny-bert", BERT.build(), list(BERT.targets), batches, r=4,
+                              pre_num={"bs": 1, "ms": 4}, records_scale="cpu", records_tag="table2")
+    result = mechanism.analyse(source, ROOT / "results")
+    mechanism.write_outputs([result], tmp_path)
+
+    written = json.loads((tmp_path / "mechanism_scale.json").read_text())["sources"][0]
+    assert written["examples"] == 4 and len(written["layers"]) == 6  # 3 layers x (query, value)
+    assert all(-1 <= row["cos"] <= 1 and row["norm_ratio"] > 0 for row in written["layers"] if "cos" in row)
+    # the committed SST-2 records: ResLoRA_is's first blocks merge with alpha = 1 (factor 2), every row is measured
+    # against LoRA on the same seeds, and the controls give the own-ratio curve
+    measured = written["measured"]
+    assert set(measured) == {"is", "bs", "ms"}
+    first_blocks = [f for name, f in measured["is"]["per_layer_factor"].items() if ".layer.0." in name]
+    assert first_blocks and all(f == 2.0 for f in first_blocks)
+    assert -1 <= measured["bs"]["update_cosine"] <= 1
+    assert set(written["controls"]) == {"1.0", "2.0", "4.0"}
+    for prediction in written["predicted"].values():
+        assert prediction["deployed_with_controls"] == pytest.approx(prediction["deployed"] * prediction["own_ratio"],
+                                                                     abs=2e-4)
+    text = (tmp_path / "mechanism.md").read_text()
+    assert "| SST-2 | ResLoRA_is |" in text and "| SST-2 | tiny-bert | self.query |" in text
+    assert (tmp_path / "figures" / "mechanism_cos_by_layer.png").stat().st_size > 10_000
