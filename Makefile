@@ -66,8 +66,8 @@ reproduce-mechanism: setup ## ResLoRA with its shortcut's gradient detached (SST
 	$(PY) experiments/train.py -m experiment=mechanism scale=$(SCALE)_nlg task=svamp seed=0,1,2 hydra/launcher=joblib_cpu
 	$(MAKE) mechanism SCALE=$(SCALE)
 
-mechanism: setup ## the effective-scale prediction (base models' inputs vs the records' deployed update sizes) -> results/mechanism.md, mechanism_scale.json (about 5 min)
-	$(PY) experiments/mechanism.py --scale $(SCALE)
+mechanism: setup ## the effective-scale prediction (base models' inputs vs the records' deployed update sizes) -> results/mechanism.md, mechanism_scale.json (30 min on the shared 2-core machine, most of it SmolLM2: first load dequantises it); REBUILD=1: from the JSON only
+	$(PY) experiments/mechanism.py --scale $(SCALE) $(if $(REBUILD),--rebuild)
 
 reproduce-lr-sweep: setup ## LoRA and ResLoRA at 5 learning rates on SST-2 and STS-B (the centre rate from Table 2: run reproduce-table2 first); reruns only missing cells
 	$(PY) experiments/train.py -m experiment=lr_sweep scale=$(SCALE) hydra/launcher=joblib_cpu

@@ -29,6 +29,7 @@ results/figures/mechanism_cos_by_layer.png.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,6 +285,17 @@ def analyse(source: Source, results_dir: Path) -> dict:
     return rounded(result)
 
 
+def role_groups(result: dict) -> list[tuple[str, list[dict]]]:
+    """(roles, their layers after the first) with roles that read the same input merged (BERT's query and value,
+    LLaMA's q_proj and v_proj read one hidden state): one row, one curve."""
+    groups: dict = {}
+    for role in dict.fromkeys(row["role"] for row in result["layers"]):
+        rows = [row for row in result["layers"] if row["role"] == role and "cos" in row]
+        key = tuple((row["position"], row["cos"], row["norm_ratio"]) for row in rows)
+        groups.setdefault(key, ([], rows))[0].append(role)
+    return [(" = ".join(roles), rows) for roles, rows in groups.values()]
+
+
 def spread(values: list[float]) -> str:
     return f"{np.mean(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
 
@@ -315,8 +327,7 @@ def markdown(results: list[dict]) -> str:
         "| task | model | role | cos(x_n, x_{n-1}) mean [min, max] | per-token cos | ‖x_{n-1}‖/‖x_n‖ mean [min, max] "
         "| c_n = cos · ratio |", "|---|---|---|---|---|---|---|"]
     for result in results:
-        for role in dict.fromkeys(row["role"] for row in result["layers"]):
-            rows = [row for row in result["layers"] if row["role"] == role and "cos" in row]
+        for role, rows in role_groups(result):
             lines.append(f"| {task_name(result['task'])} | {result['model']} | {role} | "
                          f"{spread([r['cos'] for r in rows])} | {np.mean([r['token_cos'] for r in rows]):.3f} | "
                          f"{spread([r['norm_ratio'] for r in rows])} | {np.mean([r['c'] for r in rows]):.3f} |")
@@ -345,6 +356,7 @@ def markdown(results: list[dict]) -> str:
                 + f" | {meas['deployed']:.2f} ± {meas['deployed_std']:.2f} ({len(meas['seeds'])}) "
                 f"| {verdict(pred['deployed'], meas['deployed'])} | "
                 + (verdict(pred["deployed_with_controls"], meas["deployed"]) if with_controls else "—") + " |")
+    lines += [""] + summary(results)
     cosines = [(task_name(r["task"]), r["measured"]["bs"]["update_cosine"]) for r in results
                if "update_cosine" in r["measured"].get("bs", {})]
     if cosines:
@@ -355,20 +367,37 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def summary(results: list[dict]) -> list[str]:
+    """Where each prediction holds, counted over the (task, row) pairs that have records."""
+    pairs = [(task_name(r["task"]), label(ROWS[v]), r["predicted"][v], r["measured"][v])
+             for r in results for v in ROWS if v in r["measured"]]
+    if not pairs:
+        return ["- No trained records to compare with."]
+    merge_errors = [abs(p["deployed"] / m["merge_factor"] - 1) for _, _, p, m in pairs]
+    lines = [f"- Merge factor (base model vs trained run): within {max(merge_errors):.0%} in all {len(pairs)} pairs."]
+    for key, name in (("deployed", "A (own-norm ratio 1)"), ("deployed_with_controls", "B (own-norm ratio from the controls)")):
+        judged = [(t, row, p[key] / m["deployed"] - 1) for t, row, p, m in pairs if key in p]
+        fails = [f"{t} {row} {e:+.0%}" for t, row, e in judged if abs(e) > HOLDS]
+        lines.append(f"- Deployed ratio, prediction {name}: holds in {len(judged) - len(fails)} of {len(judged)}"
+                     + (f"; fails for {', '.join(fails)}." if fails else "."))
+    return lines
+
+
 def plot(results: list[dict], path: Path) -> None:
     """cos(x_n, x_{n-1}) and ‖x_{n-1}‖/‖x_n‖ against the chain position, one panel column per model."""
     models = list(dict.fromkeys(r["model"] for r in results))
     fig, axes = plt.subplots(2, len(models), figsize=(5.5 * len(models), 6.5), squeeze=False)
     for column, model in enumerate(models):
         for result in (r for r in results if r["model"] == model):
-            for style, role in zip(("-", "--", ":", "-."), dict.fromkeys(row["role"] for row in result["layers"])):
-                rows = [row for row in result["layers"] if row["role"] == role and "cos" in row]
+            for style, (role, rows) in zip(("-", "--", ":", "-."), role_groups(result)):
                 for ax, key in zip(axes[:, column], ("cos", "norm_ratio")):
                     ax.plot([row["position"] for row in rows], [row[key] for row in rows], style, marker=".",
                             label=f"{task_name(result['task'])} {role}")
         axes[0, column].set_title(f"{model}: cos(x_n, x_(n-1))", fontsize=10)
         axes[1, column].set_title(f"{model}: |x_(n-1)| / |x_n|", fontsize=10)
         axes[1, column].set_xlabel("chain position n (block)")
+        for ax in axes[:, column]:
+            ax.xaxis.get_major_locator().set_params(integer=True)
         axes[0, column].legend(fontsize=7, ncol=2)
         for ax in axes[:, column]:
             ax.grid(alpha=0.3)
@@ -393,9 +422,16 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=[*GLUE_TASKS, *NLG_TASKS])
     parser.add_argument("--examples", type=int, default=64, help="training examples per task")
     parser.add_argument("--results", type=Path, default=ROOT / "results", help="where the run records are")
-    parser.add_argument("--out", type=Path, default=None, help="where the outputs go (default: --results)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where the outputs go (default: --results at cpu scale, runs/mechanism-<scale> else)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rebuild", action="store_true",
+                        help="only rebuild mechanism.md and the figure from the --out directory's mechanism_scale.json")
     args = parser.parse_args()
+    out = args.out or (args.results if args.scale == "cpu" else ROOT / "runs" / f"mechanism-{args.scale}")
+    if args.rebuild:
+        write_outputs(json.loads((out / "mechanism_scale.json").read_text())["sources"], out)
+        return
     torch.set_num_threads(args.threads)
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
@@ -405,7 +441,7 @@ def main() -> None:
         results.append(analyse(load_source(task, scale, args.examples), args.results))
         print(f"{task}: predicted " + ", ".join(f"{v} {p['deployed']:.2f}" for v, p in results[-1]["predicted"].items())
               + "; measured " + ", ".join(f"{v} {m['deployed']:.2f}" for v, m in results[-1]["measured"].items()))
-    write_outputs(results, args.out or args.results)
+    write_outputs(results, out)
 
 
 if __name__ == "__main__":

@@ -104,5 +104,8 @@ def test_a_tiny_random_bert_against_the_committed_records(tmp_path):
         assert prediction["deployed_with_controls"] == pytest.approx(prediction["deployed"] * prediction["own_ratio"],
                                                                      abs=2e-4)
     text = (tmp_path / "mechanism.md").read_text()
-    assert "| SST-2 | ResLoRA_is |" in text and "| SST-2 | tiny-bert | self.query |" in text
+    assert "| SST-2 | ResLoRA_is |" in text and "| SST-2 | tiny-bert | self.query = self.value |" in text
     assert (tmp_path / "figures" / "mechanism_cos_by_layer.png").stat().st_size > 10_000
+    # the report rebuilds from the JSON alone (--rebuild), byte for byte
+    mechanism.write_outputs(json.loads((tmp_path / "mechanism_scale.json").read_text())["sources"], tmp_path / "again")
+    assert (tmp_path / "again" / "mechanism.md").read_bytes() == (tmp_path / "mechanism.md").read_bytes()
