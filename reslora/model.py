@@ -354,6 +354,10 @@ class ResLoraModel(nn.Module):
         for handle in self._hooks:
             for hooks in (plain._forward_pre_hooks, plain._forward_hooks, plain._forward_hooks_always_called):
                 hooks.pop(handle.id, None)
+        for module in plain.modules():
+            # A forward set on the instance by a tool (TRL's fused LM head, accelerate's autocast) would be copied
+            # still calling the trained model's original forward through its closure: the merged model runs its own.
+            vars(module).pop("forward", None)
         return plain
 
     def export_peft_adapter(self, directory: str | Path, mode: str = "merge_bi") -> None:
