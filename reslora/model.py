@@ -483,7 +483,8 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     ResLoraModel (model.safetensors: the wrapper's state dict, description included as its extra state)."""
     directory = Path(directory)
     trainer_weights = directory / TRAINER_WEIGHTS_NAME
-    if not any((directory / name).is_file() for name in (CONFIG_NAME, LEGACY_CONFIG_NAME)) and trainer_weights.is_file():
+    has_config = any((directory / name).is_file() for name in (CONFIG_NAME, LEGACY_CONFIG_NAME))
+    if not has_config and trainer_weights.is_file():
         state = _safetensors(trainer_weights, directory)
         if EXTRA_STATE not in state:
             raise ValueError(f"{trainer_weights} holds no ResLoRA adapter description: it is not the state of a "

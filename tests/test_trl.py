@@ -53,7 +53,8 @@ def test_sft_trainer_trains_with_its_defaults_and_its_output_loads_with_from_pre
     loaded = ResLoraModel.from_pretrained(LLAMA.build(), tmp_path / "final")
     trained = model.adapter_state_dict()
     assert all(torch.equal(tensor, trained[name]) for name, tensor in loaded.adapter_state_dict().items())
-    assert ResLoraModel.from_pretrained(LLAMA.build(), tmp_path / "out/checkpoint-2").reslora_config == model.reslora_config
+    checkpoint = ResLoraModel.from_pretrained(LLAMA.build(), tmp_path / "out/checkpoint-2")
+    assert checkpoint.reslora_config == model.reslora_config
     # merged into plain LlamaForCausalLMs that run their own forward (not TRL's head, nor accelerate's autocast)
     assert torch.equal(logits(loaded.merge_and_unload("merge_bi")), logits(model.merge_and_unload("merge_bi")))
     if variant != "bs":  # the merge statistics were recorded (training forwards, not the recomputations) and saved
@@ -73,3 +74,20 @@ def test_an_adapter_on_the_lm_head_is_refused_naming_the_fix(tmp_path):
     model = LlamaSpec(("q_proj", "lm_head")).wrap("bs")
     with pytest.raises(ValueError, match="remove the LM head from target_modules"):
         sft(model, tmp_path)
+
+
+@pytest.mark.slow  # SmolLM2 (dequantised from its GGUF once, then cached under .cache/) and two SFT runs
+def test_the_sft_example_trains_resumes_and_reloads_its_checkpoint(tmp_path):
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    done = subprocess.run([sys.executable, str(root / "examples" / "sft.py"), "--out", str(tmp_path)], cwd=root,
+                          capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "gradient checkpointing: True" in done.stdout
+    first, last = map(float, re.search(r"train loss: step 1 ([\d.]+) -> step 8 ([\d.]+)", done.stdout).groups())
+    assert last < first
+    assert "adapter reloaded from checkpoint-8: identical to the trained one" in done.stdout
