@@ -87,7 +87,11 @@ class ResLoraConfig:
     @classmethod
     def load(cls, directory: str | Path) -> "ResLoraConfig":
         """The config saved in ``directory`` (adapter_config.json, or an older adapter's reslora_config.json)."""
-        values = read_adapter_config(directory)
+        return cls.from_dict(read_adapter_config(directory))
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ResLoraConfig":
+        """The config in a saved adapter's description (what else it holds, e.g. the chains, is left out)."""
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -20,10 +21,12 @@ class ForwardState:
     """What the blocks of one model saw in one forward pass: ``is`` keeps its input x_n, ``ms`` its
     ``A_n d(x_n)``. Created when the model's forward starts and dropped when it ends, so nothing survives
     between forwards or leaks between models. ``record`` says whether this pass adds to the merge
-    statistics (training forwards and calibration, not evaluation or checkpoint recomputation)."""
+    statistics (training forwards and calibration, not evaluation or checkpoint recomputation); ``recorded``
+    lists the (layer, window slot) pairs this pass wrote."""
 
     record: bool
     saved: dict = field(default_factory=dict)
+    recorded: list = field(default_factory=list)
 
 
 class ForwardSlot:
@@ -45,7 +48,26 @@ class ForwardSlot:
     def end(self, module: nn.Module, args, output) -> None:
         self.depth -= 1
         if self.depth == 0:
-            self.current = None
+            state, self.current = self.current, None
+            share_statistics(state.recorded)
+
+
+def share_statistics(recorded: list) -> None:
+    """Make one forward's records global in a distributed run (torch.distributed initialised, world size > 1).
+
+    Under DDP every rank runs the same training forwards, each on its own shard of the batch. A record becomes
+    sqrt(sum over ranks of its square): ||x||_F of the union of the shards, which is what one process that saw
+    the whole batch records (for shards of equal sequence length). Every rank then holds the same windows and
+    merges into the same W*, and DDP's broadcast of rank 0's buffers changes nothing. A collective: every rank
+    must run the same training forwards and calibration batches, as it does under DDP."""
+    if not recorded or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    squares = torch.stack([torch.stack([layer.input_norms[slot], layer.ax_norms[slot]]).view(2)
+                           for layer, slot in recorded]).square()
+    dist.all_reduce(squares)
+    for (layer, slot), (x_norm, ax_norm) in zip(recorded, squares.sqrt()):
+        layer.input_norms.index_copy_(0, slot, x_norm.view(1))
+        layer.ax_norms.index_copy_(0, slot, ax_norm.view(1))
 
 
 class ResLoraLinear(nn.Module):
@@ -183,6 +205,7 @@ class ResLoraLinear(nn.Module):
         if ax is not None:
             self.ax_norms.index_copy_(0, slot, ax.detach().float().norm().view(1))
         self.stat_count += 1
+        state.recorded.append((self, slot))
 
     def mean_norms(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(f_n, g_n): means of the recorded windows, or None before anything was recorded."""

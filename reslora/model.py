@@ -17,13 +17,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import CONFIG_NAME, ResLoraConfig, read_adapter_config
+from .config import CONFIG_NAME, LEGACY_CONFIG_NAME, ResLoraConfig, read_adapter_config
 from .io import atomic_path, write_json
 from .layers import ForwardSlot, ForwardState, ResLoraLinear
 
 log = logging.getLogger("reslora")
 
 WEIGHTS_NAME = "adapter_model.safetensors"
+# What transformers.Trainer writes (checkpoints, save_model) for a model that is neither a PreTrainedModel nor a
+# PeftModel: the wrapper's state dict, which holds the adapter and, as its extra state, the adapter's description.
+TRAINER_WEIGHTS_NAME = "model.safetensors"
+EXTRA_STATE = "_extra_state"
 CHAINS_NAME = "chains.json"  # older adapters only: the chains are now in adapter_config.json
 LS_SOLUTION = "ls_solution"  # the merge_ls fit of a block, saved with the adapter
 # PEFT's task types by the class-name suffix of a transformers model
@@ -62,7 +66,7 @@ def adapter_directory(name: str | Path) -> Path:
         raise FileNotFoundError(f"{name} is not a local directory, and huggingface_hub (to read it from the hub) is "
                                 "not installed") from error
     try:
-        return Path(snapshot_download(str(name), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
+        return Path(snapshot_download(str(name), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, TRAINER_WEIGHTS_NAME]))
     except Exception as error:
         raise FileNotFoundError(f"{name} is neither a local adapter directory nor a hub repository that could be "
                                 f"read ({type(error).__name__}: {error})") from error
@@ -350,6 +354,10 @@ class ResLoraModel(nn.Module):
         for handle in self._hooks:
             for hooks in (plain._forward_pre_hooks, plain._forward_hooks, plain._forward_hooks_always_called):
                 hooks.pop(handle.id, None)
+        for module in plain.modules():
+            # A forward set on the instance by a tool (TRL's fused LM head, accelerate's autocast) would be copied
+            # still calling the trained model's original forward through its closure: the merged model runs its own.
+            vars(module).pop("forward", None)
         return plain
 
     def export_peft_adapter(self, directory: str | Path, mode: str = "merge_bi") -> None:
@@ -380,40 +388,54 @@ class ResLoraModel(nn.Module):
                 tensors[f"{name}.{LS_SOLUTION}"] = torch.as_tensor(layer.ls_solution).detach().contiguous().cpu()
         with atomic_path(directory / WEIGHTS_NAME) as tmp:
             save_file(tensors, str(tmp))
-        config = self.reslora_config
-        write_json(directory / CONFIG_NAME, {
-            "peft_type": "RESLORA", "library": "reslora", "library_version": library_version(),
-            **config.to_dict(), "chains": [chain.names for chain in self.chains]})
+        write_json(directory / CONFIG_NAME, self.adapter_description())
+
+    def adapter_description(self) -> dict:
+        """What ``adapter_config.json`` holds: the config, the chains, the base model's id, the task type, the
+        library and its version."""
+        return {"peft_type": "RESLORA", "library": "reslora", "library_version": library_version(),
+                **self.reslora_config.to_dict(), "chains": [chain.names for chain in self.chains]}
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The adapter's description (``adapter_description()`` as JSON bytes) in this model's state dict, so that
+        a checkpoint of the state alone is a complete adapter: ``transformers.Trainer`` saves a model that is not a
+        ``PreTrainedModel`` or ``PeftModel`` as its ``state_dict()`` in ``model.safetensors`` (checkpoints and
+        ``save_model``), and ``from_pretrained`` loads that directory."""
+        return torch.frombuffer(bytearray(json.dumps(self.adapter_description()).encode()), dtype=torch.uint8)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        """Loading a state dict (``resume_from_checkpoint``): refuse the state of an adapter with another config;
+        restore the chain splits it had."""
+        saved = _decode_description(state)
+        mine, theirs = self.reslora_config.to_dict(), ResLoraConfig.from_dict(saved).to_dict()
+        differ = [f"{k}: {theirs[k]!r} saved, {mine[k]!r} here" for k in mine
+                  if k != "base_model_name_or_path" and mine[k] != theirs[k]]
+        if differ:
+            raise ValueError(f"the state being loaded belongs to a ResLoRA adapter with another config "
+                             f"({'; '.join(differ)})")
+        self._restore_chain_splits(saved["chains"])
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, directory: str | Path) -> "ResLoraModel":
-        """Wrap ``base_model`` with the adapter saved in ``directory`` (a local directory, or a hub repository id).
-        All or nothing: when the adapter cannot be loaded, the base model is left exactly as it was."""
+        """Wrap ``base_model`` with the adapter saved in ``directory`` (a local directory, or a hub repository id):
+        ``save_pretrained``'s output, or a ``transformers.Trainer`` checkpoint or ``save_model`` output of a
+        ResLoraModel. All or nothing: when the adapter cannot be loaded, the base model is left exactly as it was."""
         directory = adapter_directory(directory)
-        model = wrapper_class(type(base_model))(base_model, ResLoraConfig.load(directory))
+        description, saved = read_adapter(directory)
+        model = wrapper_class(type(base_model))(base_model, ResLoraConfig.from_dict(description))
         try:
-            model.load_adapter(directory)
+            model._load_tensors(saved, description["chains"], directory)
         except BaseException:
             model.unload()
             raise
         return model
 
     def load_adapter(self, directory: str | Path) -> None:
-        path = Path(directory, WEIGHTS_NAME)
-        try:
-            saved = load_file(str(path))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path} does not exist: {directory} is not a saved ResLoRA adapter") from None
-        except Exception as error:  # safetensors raises its own error type for a damaged file
-            raise ValueError(f"{path} cannot be read as safetensors ({error}): the file is damaged or truncated; "
-                             "save the adapter again") from error
-        saved_chains = read_adapter_config(directory).get("chains")
-        if saved_chains is None:  # an older adapter: chains.json beside reslora_config.json
-            chains_path = Path(directory, CHAINS_NAME)
-            try:
-                saved_chains = json.loads(chains_path.read_text())
-            except (OSError, json.JSONDecodeError) as error:
-                raise ValueError(f"{chains_path} cannot be read ({error}): the adapter is incomplete or damaged") from error
+        """Load the tensors of an adapter saved in ``directory`` (any layout ``from_pretrained`` reads)."""
+        description, saved = read_adapter(directory)
+        self._load_tensors(saved, description["chains"], directory)
+
+    def _load_tensors(self, saved: dict[str, torch.Tensor], saved_chains: list[list[str]], directory) -> None:
         layers = self.named_reslora_layers()
         fits = {name.removesuffix("." + LS_SOLUTION): saved.pop(name) for name in list(saved)
                 if name.endswith("." + LS_SOLUTION) and name.removesuffix("." + LS_SOLUTION) in layers}
@@ -439,6 +461,45 @@ class ResLoraModel(nn.Module):
             for name, layer in list(zip(chain.names, chain.layers))[1:]:
                 if name in heads:
                     layer.chain.split_before(layer, reason="as in the saved adapter")
+
+
+def _safetensors(path: Path, directory) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist: {directory} is not a saved ResLoRA adapter") from None
+    except Exception as error:  # safetensors raises its own error type for a damaged file
+        raise ValueError(f"{path} cannot be read as safetensors ({error}): the file is damaged or truncated; "
+                         "save the adapter again") from error
+
+
+def _decode_description(state: torch.Tensor) -> dict:
+    return json.loads(bytes(state.cpu().tolist()).decode())
+
+
+def read_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(description, tensors keyed by base-model names) of the adapter in ``directory``: ``save_pretrained``'s
+    layout (adapter_config.json, adapter_model.safetensors), or a ``transformers.Trainer`` checkpoint of a
+    ResLoraModel (model.safetensors: the wrapper's state dict, description included as its extra state)."""
+    directory = Path(directory)
+    trainer_weights = directory / TRAINER_WEIGHTS_NAME
+    has_config = any((directory / name).is_file() for name in (CONFIG_NAME, LEGACY_CONFIG_NAME))
+    if not has_config and trainer_weights.is_file():
+        state = _safetensors(trainer_weights, directory)
+        if EXTRA_STATE not in state:
+            raise ValueError(f"{trainer_weights} holds no ResLoRA adapter description: it is not the state of a "
+                             "ResLoraModel (a transformers.Trainer checkpoint or save_model output of one)")
+        description = _decode_description(state.pop(EXTRA_STATE))
+        return description, {k.removeprefix("base_model."): v for k, v in state.items()}
+    description = read_adapter_config(directory)
+    saved = _safetensors(directory / WEIGHTS_NAME, directory)
+    if description.get("chains") is None:  # an older adapter: chains.json beside reslora_config.json
+        chains_path = directory / CHAINS_NAME
+        try:
+            description["chains"] = json.loads(chains_path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"{chains_path} cannot be read ({error}): the adapter is incomplete or damaged") from error
+    return description, saved
 
 
 STATISTICS = (".input_norms", ".ax_norms", ".stat_count")  # the buffers of a ResLoRA layer (merge statistics)

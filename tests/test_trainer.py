@@ -122,18 +122,56 @@ def test_a_trainer_checkpoint_holds_the_adapter_not_the_base_model(tmp_path):
     saved = load_file(str(tmp_path / "out/checkpoint-2/model.safetensors"))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and trainable <= set(saved)
-    assert all(n in trainable or n.endswith((".input_norms", ".ax_norms", ".stat_count")) for n in saved)
+    assert all(n in trainable or n.endswith((".input_norms", ".ax_norms", ".stat_count")) or n == "_extra_state"
+               for n in saved)
     assert len(saved) < len(model.base_model.state_dict())  # the frozen base weights stay out
+
+
+@pytest.mark.parametrize("variant", ["lora", "ms"])
+def test_a_trainer_checkpoint_and_save_model_output_load_with_from_pretrained(tmp_path, variant):
+    model = get_reslora_model(BERT.build(), BERT.config(variant, modules_to_save=["classifier"]))
+    run = trainer(model, tmp_path, save_steps=2)
+    run.train()
+    run.save_model(str(tmp_path / "final"))
+    inputs = BERT.inputs(seed=3)
+    model.eval()
+    for directory in (tmp_path / "final", tmp_path / "out/checkpoint-2"):
+        loaded = ResLoraModel.from_pretrained(BERT.build(), directory).eval()
+        assert loaded.reslora_config == model.reslora_config
+        with torch.no_grad():
+            same = torch.equal(BERT.output(model, inputs), BERT.output(loaded, inputs))
+        assert same == (directory.name == "final")  # the checkpoint is the adapter at step 2, before step 3
+    final = ResLoraModel.from_pretrained(BERT.build(), tmp_path / "final")
+    with torch.no_grad():  # the merge statistics came back with it
+        assert torch.equal(BERT.output(model.merge_and_unload("merge_bi"), inputs),
+                           BERT.output(final.merge_and_unload("merge_bi"), inputs))
+
+
+def test_resuming_from_the_checkpoint_of_another_config_is_refused_naming_what_differs(tmp_path):
+    trainer(get_reslora_model(BERT.build(), BERT.config("ms")), tmp_path, save_steps=2).train()
+    other = get_reslora_model(BERT.build(), BERT.config("is"))
+    with pytest.raises(ValueError, match="another config .*variant: 'ms' saved, 'is' here"):
+        trainer(other, tmp_path).train(resume_from_checkpoint=str(tmp_path / "out/checkpoint-2"))
+
+
+def test_a_model_safetensors_that_is_not_a_reslora_state_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    base = BERT.build()
+    with pytest.raises(ValueError, match="holds no ResLoRA adapter description"):
+        ResLoraModel.from_pretrained(base, tmp_path)
 
 
 def test_the_wrappers_state_dict_is_the_adapters_and_loads_strictly():
     model = get_reslora_model(BERT.build(), BERT.config("is"))
     state = model.state_dict()
-    assert state and all("lora_" in n or n.endswith((".input_norms", ".ax_norms", ".stat_count")) for n in state)
+    assert state and all("lora_" in n or n.endswith((".input_norms", ".ax_norms", ".stat_count"))
+                         for n in state if n != "_extra_state")
     other = get_reslora_model(BERT.build(), BERT.config("is"))
     assert other.load_state_dict(state, strict=True).missing_keys == []
     with pytest.raises(RuntimeError, match="Missing key"):  # an adapter tensor left out is still missing
-        other.load_state_dict({k: v for k, v in list(state.items())[1:]}, strict=True)
+        other.load_state_dict({k: v for k, v in state.items() if not k.endswith("lora_A")}, strict=True)
     full = dict(model.base_model.state_dict())
     assert len(full) > len(state) and other.base_model.load_state_dict(full, strict=True).missing_keys == []
 
