@@ -16,6 +16,8 @@ SEEDS = re.compile(r"\b\d+ of \d+ seeds\b")
 
 
 def quotes(text: str) -> list[str]:
+    """The intervals and seed counts ``text`` quotes, a quote broken across lines joined again."""
+    text = re.sub(r"\s+", " ", text)
     return INTERVAL.findall(text) + SEEDS.findall(text)
 
 
@@ -28,7 +30,7 @@ def committed_tables() -> str:
 
 
 def test_the_quote_patterns_find_intervals_and_seed_counts():
-    text = "bs +5.33 [+0.33, +11.00] (3 of 3 seeds), loss [-2.64, -0.50]; 84.0% [12%, 30%]; not [1] nor [a, b]"
+    text = "bs +5.33 [+0.33, +11.00] (3 of 3 seeds), loss [-2.64,\n-0.50]; 84.0% [12%, 30%]; not [1] nor [a, b]"
     assert quotes(text) == ["[+0.33, +11.00]", "[-2.64, -0.50]", "[12%, 30%]", "3 of 3 seeds"]
 
 

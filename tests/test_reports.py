@@ -224,3 +224,19 @@ def test_comparisons_pair_rows_with_unequal_seed_counts_on_their_common_seeds_an
     silent = interval_comparison(records, ["sst2"], [("adalora", "lora")], no_claim={"sst2": DOES_NOT_LEARN})
     assert silent.startswith("Family: this table holds 0 comparisons (1 more lines draw no claim")
     assert DOES_NOT_LEARN in silent and "**resolved" not in silent
+
+
+def test_seeds_added_at_the_selected_rate_neither_break_the_grid_nor_move_the_selection():
+    from reslora.lab.report import LR_SWEEP_ROWS, complete_tasks, grid_cells, selected_rates
+
+    rates = [5e-4, 1e-3, 2e-3, 4e-3]
+    rows = [{"task": "sst2", "method": m, "seed": s, "lr": lr, "validation": 80 + (lr == 1e-3), "test": 0.0,
+             "train_loss": 0.0} for m in LR_SWEEP_ROWS for s in (0, 1, 2) for lr in rates]
+    # seven more seeds of LoRA at another rate (as ten_seeds adds them): they score higher on validation
+    rows += [{**rows[0], "seed": s, "lr": 4e-3, "validation": 99.0} for s in range(3, 10)]
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    assert grid_cells(frame, ["sst2"]) == {"sst2": (len(rates) * len(LR_SWEEP_ROWS) * 3,) * 2}
+    assert complete_tasks(frame, ["sst2"]) == ["sst2"]
+    assert selected_rates(frame)[("sst2", "lora")] == 1e-3

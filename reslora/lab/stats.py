@@ -194,13 +194,14 @@ def item_arrays(records: list[dict], mode: str | None = None, split: str = "test
             pred, label = dict(zip(items["id"], np.asarray(items[flag], dtype=float))), dict.fromkeys(items["id"], 1.0)
         else:
             pred, label = dict(zip(items["id"], items["prediction"])), dict(zip(items["id"], items["label"]))
-        if per_seed and set(pred) != set(next(iter(per_seed.values()))):
+        first_seed, first = next(iter(per_seed.items()), (None, None))
+        if first is not None and set(pred) != set(first):
             raise ValueError(f"{r.get('task')}/{r.get('method')}: seed {r['seed']} holds other test items than seed "
-                             f"{next(iter(per_seed))} ({describe_difference(set(pred), set(next(iter(per_seed.values()))))})")
+                             f"{first_seed} ({describe_difference(set(pred), set(first))})")
         clash = [i for i in label if i in labels and labels[i] != label[i]]
         if clash:
-            raise ValueError(f"{r.get('task')}/{r.get('method')}: seed {r['seed']} labels {len(clash)} items differently "
-                             f"(e.g. id {clash[0]}: {label[clash[0]]} vs {labels[clash[0]]})")
+            raise ValueError(f"{r.get('task')}/{r.get('method')}: seed {r['seed']} labels {len(clash)} items "
+                             f"differently (e.g. id {clash[0]}: {label[clash[0]]} vs {labels[clash[0]]})")
         per_seed[r["seed"]] = pred
         labels.update(label)
     ids = np.array(sorted(labels))
@@ -227,16 +228,18 @@ def paired_difference(row: list[dict], baseline: list[dict], metric: str, lower_
     if a is None or b is None:
         return None
     name = f"{row[0].get('task')}: {row[0].get('method')} − {baseline[0].get('method')}"
+    sides = ("the row", "the baseline")
     if seeds is None:
         if set(a[0]) != set(b[0]):
-            raise ValueError(f"{name}: the seeds differ ({describe_difference(set(a[0]), set(b[0]), ('the row', 'the baseline'))}); "
+            raise ValueError(f"{name}: the seeds differ ({describe_difference(set(a[0]), set(b[0]), sides)}); "
                              "pass seeds= to pair on the common ones")
         seeds = sorted(a[0])
     missing = sorted(set(seeds) - (set(a[0]) & set(b[0])))
     if missing or not seeds:
-        raise ValueError(f"{name}: seeds {missing or seeds} are not in both (row: {sorted(a[0])}, baseline: {sorted(b[0])})")
+        raise ValueError(f"{name}: seeds {missing or seeds} are not in both (row: {sorted(a[0])}, "
+                         f"baseline: {sorted(b[0])})")
     if not np.array_equal(a[2], b[2]):
-        raise ValueError(f"{name}: the test item ids differ ({describe_difference(set(a[2]), set(b[2]), ('the row', 'the baseline'))})")
+        raise ValueError(f"{name}: the test item ids differ ({describe_difference(set(a[2]), set(b[2]), sides)})")
     if not np.array_equal(a[1], b[1]):
         bad = np.flatnonzero(a[1] != b[1])
         raise ValueError(f"{name}: the labels of {len(bad)} items differ (e.g. id {a[2][bad[0]]}: {a[1][bad[0]]} "
