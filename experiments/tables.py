@@ -16,13 +16,12 @@ import numpy as np
 
 from reslora.io import atomic_path
 from reslora.lab.records import load_failures, load_records
-from reslora.lab.stats import paired_difference
 from reslora.lab.figures import (plot_block_norm_heatmaps, plot_curves, plot_fig3_curves, plot_grad_flow,
                                  plot_lr_sweep, plot_sample_grid, record_label)
-from reslora.lab.report import (CONTROL_ROWS, LR_SWEEP_ROWS, LR_SWEEP_TASKS, MODE_LABELS, RESLORA_ROWS,
-                                complete_tasks, experiment_design, final_loss_frame, format_difference, grid_cells,
-                                headline_frame,
-                                interval_comparison, label, lr_frame, lr_sweep_records, mode_frame, mode_gaps,
+from reslora.lab.report import (CONTROL_ROWS, INTERVAL_NOTE, LR_SWEEP_ROWS, LR_SWEEP_TASKS, MODE_LABELS,
+                                RESLORA_ROWS, Comparison, comparison_table, complete_tasks, experiment_design,
+                                final_loss_frame, grid_cells, headline_frame, interval_comparison, label,
+                                learning_check, lr_frame, record_difference, lr_sweep_records, mode_frame, mode_gaps,
                                 mode_interval_table, mode_table, ordered, paired_comparison, selected_rates,
                                 summary_table, table4_records, task_column, task_name, update_size_frame)
 
@@ -62,20 +61,19 @@ def method_lines(records: list[dict], rows: list[str]) -> list[str]:
 
 
 def rows_table_and_comparison(records: list[dict], frame, rows: list[str], tasks: list[str],
-                              compared=RESLORA_ROWS) -> list[str]:
-    """The rows' settings, the rows x tasks table and the paired comparison of the ``compared`` rows with LoRA."""
-    return ["Rows:", *method_lines(records, rows), "", summary_table(frame, rows, tasks), "",
+                              compared=RESLORA_ROWS, learning: tuple[list[str], dict[str, str]] = ([], {})
+                              ) -> list[str]:
+    """The rows' settings, the rows x tasks table and the paired comparison of the ``compared`` rows with LoRA
+    (``learning``: learning_check's lines and {task: why no claim is drawn there})."""
+    lines, no_claim = learning
+    return ["Rows:", *method_lines(records, rows), "", summary_table(frame, rows, tasks), "", *lines,
             "## Paired comparison with LoRA (r=4)", "", INTERVAL_NOTE, "",
-            interval_comparison(records, tasks, [(m, "lora") for m in compared if m in rows]), ""]
-
-
-INTERVAL_NOTE = ("Per task: the mean over seeds of (row − baseline) in points (same seed, same data), its 95% "
-                 "interval from a paired bootstrap over test items and seeds (`reslora/lab/stats.py`), and on how many "
-                 "seeds the row won. An interval that covers 0 means: not resolved at this scale.")
+            interval_comparison(records, tasks, [(m, "lora") for m in compared if m in rows], no_claim=no_claim), ""]
 
 
 def control_sections(trained: list[dict], tasks: list[str], rows: list[str], compared: list[str],
-                     matched: list[tuple[str, str]], controls: str) -> list[str]:
+                     matched: list[tuple[str, str]], controls: str, no_claim: dict[str, str] | None = None
+                     ) -> list[str]:
     """Train loss at the end, the update each row deploys, and each ResLoRA row against the LoRA control of its
     scale (``matched``: (row, control) pairs; ``controls``: the sentence that says which and why)."""
     losses, sizes = final_loss_frame(trained, LAST_STEPS), update_size_frame(trained)
@@ -103,7 +101,7 @@ def control_sections(trained: list[dict], tasks: list[str], rows: list[str], com
         "",
         f"Paired by seed and test item (row − control): {pairs_text}. Test metric, with intervals as above:",
         "",
-        interval_comparison(trained, tasks, matched),
+        interval_comparison(trained, tasks, matched, no_claim=no_claim),
         "",
         "End-of-training train loss (won = lower):",
         "",
@@ -249,6 +247,7 @@ def table2(results: Path, scale: str) -> Path:
     tasks = TABLE2_TASKS["paper" if scale == "paper" else "default"]
     frame = headline_frame(records)
     rows, compared, matched = table_rows(frame, TABLE2_ROWS, TABLE2_MATCHED)
+    learning = learning_check(records, tasks)
     text = [
         f"# Table 2 (GLUE), scale `{scale}`",
         "",
@@ -258,10 +257,11 @@ def table2(results: Path, scale: str) -> Path:
         "Cells: test metric in %, mean ± std over seeds (n = seeds); ResLoRA rows are evaluated after merging "
         "(bs exactly, is/ms with merge_bi). Best mean per column in bold. Avg. = mean over the tasks of the row.",
         "",
-        *rows_table_and_comparison(records, frame, rows, tasks, [m for m in rows if m != "lora"]),
+        *rows_table_and_comparison(records, frame, rows, tasks, [m for m in rows if m != "lora"], learning),
         *(control_sections(records, tasks, rows, compared, matched,
                            "The control rows are LoRA (r=4) with alpha 32 and 64, 2x and 4x LoRA's scale s = alpha / "
-                           "r, the range of update sizes the merged ResLoRA rows deploy (this table).") if matched else []),
+                           "r, the range of update sizes the merged ResLoRA rows deploy (this table).", learning[1])
+          if matched else []),
         "Figures: `figures/table2_loss.png` (train loss, moving average over 10 steps), "
         "`figures/table2_eval.png` (validation metric); mean over seeds, band = min–max.",
     ]
@@ -312,8 +312,8 @@ def table3(results: Path, scale: str) -> Path:
         "",
         *claims,
         "",
-        "Per task, each mode against before merge (the same trained models), with the paired 95% interval over "
-        "test items and seeds (`reslora/lab/stats.py`) and the seeds on which the mode scored higher:",
+        "Per task, each mode against before merge (the same trained models), paired by seed and test item: "
+        + INTERVAL_NOTE,
         "",
         mode_interval_table(records, ["reslora_is", "reslora_ms"], TABLE3_MODES[1:], "unmerged", TABLE3_TASKS),
     ]
@@ -329,6 +329,7 @@ def table4(results: Path, scale: str) -> Path:
     tasks = [t for t in TABLE2_TASKS["paper"] if t in set(frame["task"])]
     pre_nums = [str(k) for k in experiment_design("table4")["pre_nums"]]
     methods = [f"reslora_{v}_pre{k}" for v in ("bs", "ms") for k in pre_nums]
+    learning, no_claim = learning_check(records, tasks, "reslora_bs_pre0")  # pre_num 0 = LoRA (r=4)
     text = [
         f"# Table 4 (pre_num ablation), scale `{scale}`",
         "",
@@ -340,10 +341,13 @@ def table4(results: Path, scale: str) -> Path:
         "",
         summary_table(frame, methods, tasks),
         "",
-        "Each pre_num against pre_num 0 (LoRA), paired by seed and test item: " + INTERVAL_NOTE,
+        *learning,
+        "## Each pre_num against pre_num 0 (LoRA)",
+        "",
+        "Paired by seed and test item: " + INTERVAL_NOTE,
         "",
         interval_comparison(records, tasks, [(f"reslora_{v}_pre{k}", f"reslora_{v}_pre0") for v in ("bs", "ms")
-                                             for k in pre_nums[1:]]),
+                                             for k in pre_nums[1:]], no_claim=no_claim),
         "",
         "Figures: `figures/fig4_loss_vs_prenum.png` (bs, as the paper's Fig. 4) and `fig4_loss_vs_prenum_ms.png` "
         "(train loss, moving average over 10 steps; band = min–max over seeds), `figures/fig5_norm_heatmap.png` "
@@ -385,6 +389,7 @@ def lr_sweep(results: Path, scale: str) -> Path:
     complete = complete_tasks(frame, tasks)  # a rate is selected only on a task whose grid is complete
     selected = {key: lr for key, lr in selected_rates(frame).items() if key[0] in complete}
     at_selected = [r for r in records if selected.get((r["task"], r["method"])) == r["config"]["train"]["lr"]]
+    learning, no_claim = learning_check(at_selected, complete)
 
     def grid(kind: str, bold: str) -> list[str]:
         lines = []
@@ -432,9 +437,13 @@ def lr_sweep(results: Path, scale: str) -> Path:
            *(f"| {label(m)} | " + " | ".join(f"{selected[(t, m)]:g}" if (t, m) in selected else "—" for t in complete)
              + " |" for m in LR_SWEEP_ROWS),
            "",
+           *learning,
+           "## Each ResLoRA row at its rate against LoRA at LoRA's",
+           "",
            INTERVAL_NOTE,
            "",
-           interval_comparison(at_selected, complete, [(m, "lora") for m in LR_SWEEP_ROWS[1:]])] if complete else []),
+           interval_comparison(at_selected, complete, [(m, "lora") for m in LR_SWEEP_ROWS[1:]], no_claim=no_claim)]
+          if complete else []),
         "",
         f"## Final train loss (mean of the last {LAST_STEPS} steps) by learning rate",
         "",
@@ -475,7 +484,8 @@ def fig3(results: Path, scale: str, threshold: float) -> Path:
         """Mean first evaluation step at which ``reached(run, metrics)`` holds, over the seeds that got there."""
         first = [next((e["step"] for e in r["eval"] if reached(r, e["validation"])), None) for r in runs]
         hit = [s for s in first if s is not None]
-        return f"{np.mean(hit):.0f} ({len(hit)}/{len(runs)} seeds)" if hit else f"not reached (0/{len(runs)})"
+        return (f"{np.mean(hit):.0f} ({len(hit)} of {len(runs)} seeds)" if hit
+                else f"not reached (0 of {len(runs)} seeds)")
 
     what = "target-style score (%)" if scored else "denoising loss"
     lora_final = {r["seed"]: r["eval"][-1]["validation"]["denoise_loss"] for r in ok if r["method"] == "lora"}
@@ -507,19 +517,16 @@ def fig3(results: Path, scale: str, threshold: float) -> Path:
             final.append(f"| {record_label(runs[0])} | {name} | " + " | ".join(values) + f" | {loss:.4f} |")
     compared = []
     if scored and "lora" in by_method:
-        compared = [f"| row − {record_label(by_method['lora'][0])}, test, merged | "
-                    + " | ".join(f"{p.replace('_', ' ')} (points)" for p in parts)
-                    + " |", "|---" * (len(parts) + 1) + "|"]
-        for method, runs in by_method.items():
-            if method != "lora":
-                cells = [paired_difference(runs, by_method["lora"], "accuracy", flag=flag) for flag in parts.values()]
-                compared.append(f"| {record_label(runs[0])} | "
-                                + " | ".join(format_difference(d) if d else "—" for d in cells) + " |")
-        compared += ["", "| merged − before merge (same models), test | style score (points) |", "|---|---|"]
-        for method, runs in by_method.items():
-            d = paired_difference(runs, runs, "accuracy", row_mode=runs[0]["headline_mode"], baseline_mode="unmerged")
-            compared.append(f"| {record_label(runs[0])} ({runs[0]['headline_mode']}) | "
-                            f"{format_difference(d) if d else '—'} |")
+        lora = by_method["lora"]
+        against_lora = [Comparison(f"{record_label(runs[0])} − {record_label(lora[0])}", part.replace("_", " "),
+                                   *record_difference(runs, lora, flag=flag, metric="accuracy"))
+                        for method, runs in by_method.items() if method != "lora" for part, flag in parts.items()]
+        merged = [Comparison(f"{record_label(runs[0])} ({runs[0]['headline_mode']})", "style score",
+                             *record_difference(runs, runs, (runs[0]["headline_mode"], "unmerged"), metric="accuracy"))
+                  for runs in by_method.values()]
+        compared = ["Each row against LoRA, test, merged:", "", *comparison_table(against_lora, "row − LoRA", "score"),
+                    "", "Merged against before merge (the same models), test:", "",
+                    *comparison_table(merged, "merged − before merge", "score")]
     base = assets["base"]
     if "steps" in base.get("args", {}):
         base_line = (f"Base: {c['model']['name']} ({base['parameters']:,} parameters), pretrained by `make t2i-base` "
@@ -567,9 +574,8 @@ def fig3(results: Path, scale: str, threshold: float) -> Path:
         f"{len(base_runs)} guidance scales (`fig3_base`: the rows below sample at {c['task']['guidance_scale']}):",
         "",
         *final,
-        *(["", "Paired differences on the test samples (the same prompts and noise for every row): mean over seeds in "
-           "points, 95% bootstrap interval over samples and seeds (reslora.lab.stats), seeds won.", "", *compared]
-          if compared else []),
+        *(["", "Paired differences on the test samples (the same prompts and noise for every row), in points: "
+           + INTERVAL_NOTE.replace("test items", "test samples"), "", *compared] if compared else []),
         "",
         "Figures: `figures/fig3_samples.png` (seed 0: one column per method, a row per step, one sample per prompt "
         "(digits 0-9) from the same noise: validation noise at each step; first row, the base before fine-tuning, and "

@@ -9,10 +9,12 @@ import sys
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pytest
 from nbclient import NotebookClient
 
-from reslora.lab.report import final_loss_frame, paired_comparison, summary_table, update_size_frame
+from reslora.lab.report import (DOES_NOT_LEARN, final_loss_frame, interval_comparison, paired_comparison,
+                                summary_table, update_size_frame)
 from test_platform import ROOT, needs_data, train
 
 
@@ -37,8 +39,11 @@ def test_table2_from_records(table2_records):
     assert "from 8 run records" in text
     lora_row = next(line for line in text.splitlines() if line.startswith("| LoRA (r=4) |"))
     assert lora_row.count("(n=2)") == 2 and "missing" in lora_row  # mrpc, rte present; cola, sst2, stsb not
-    bs_row = next(line for line in text.splitlines() if line.startswith("| ResLoRA_bs − LoRA (r=4) |"))
-    assert re.search(r"[-+]\d+\.\d\d \[[-+]\d+\.\d\d, [-+]\d+\.\d\d\] \(\d/2\)", bs_row)  # interval, seeds won
+    bs_row = next(line for line in text.splitlines() if line.startswith("| ResLoRA_bs − LoRA (r=4) | MRPC (Acc) |"))
+    # per-seed differences, mean, seed-level interval, ..., bootstrap interval ± its Monte Carlo error, seeds won
+    assert re.search(r"\| [-+]\d+\.\d\d, [-+]\d+\.\d\d \| [-+]\d+\.\d\d \| \[[-+]\d+\.\d\d, [-+]\d+\.\d\d\] \|.*"
+                     r"\[[-+]\d+\.\d\d, [-+]\d+\.\d\d\] ±\d+\.\d\d.* \| \d of 2 seeds \|", bs_row)
+    assert "## Which tasks can speak" in text and "Family: this table holds" in text
     for name in ("table2_loss_smoke.png", "table2_eval_smoke.png"):
         assert (table2_records / "figures" / name).stat().st_size > 10_000
 
@@ -135,9 +140,9 @@ def test_final_loss_and_update_size_frames_feed_the_tables():
     assert "| LoRA (r=4) | 1.75 ± 0.35 (n=2) |" in table and "| ResLoRA_is | **1.62 ± 1.24 (n=2)** |" in table
     assert "**" not in summary_table(update_size_frame(records), ["lora", "reslora_is"], ["svamp"], best=None)
     paired = paired_comparison(losses, ["svamp"], rows=["reslora_is"], lower_is_better=True)
-    assert "| ResLoRA_is − LoRA (r=4) | -0.12 (1/2 won) |" in paired
+    assert "| ResLoRA_is − LoRA (r=4) | -0.12 (won on 1 of 2 seeds) |" in paired
     against = paired_comparison(losses, ["svamp"], pairs=[("lora", "reslora_is"), ("reslora_bs", "lora")])
-    assert "| LoRA (r=4) − ResLoRA_is | +0.12 (1/2 won) |" in against and "| ResLoRA_bs − LoRA (r=4) | — |" in against
+    assert "| LoRA (r=4) − ResLoRA_is | +0.12 (won on 1 of 2 seeds) |" in against and "| ResLoRA_bs − LoRA (r=4) | — |" in against
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +194,49 @@ def test_run_time_counts_what_a_resumed_runs_killed_process_spent():
                 "time_before_resume_s": {"train_steps": 90}}]
     assert runs_took(records) == ("the runs took 3 minutes in all (sum of their wall times, 1 resumed after a kill; "
                                   "the sweep runs two at a time; by part (2 records): train steps 2.2, test 0.8)")
+
+
+def glue_records(method: str, seeds, accuracy: float, offset: int) -> list[dict]:
+    """Records with per-item predictions of one row on a 300-item binary task (labels shared by every row)."""
+    label = np.random.default_rng(0).integers(2, size=300)
+    out = []
+    for seed in seeds:
+        right = np.random.default_rng(1000 * offset + seed).random(300) < accuracy
+        out.append({"task": "sst2", "method": method, "seed": seed, "headline_metric": "accuracy",
+                    "headline_mode": "plain", "predictions": {"plain": {"test": {
+                        "id": list(range(300)), "prediction": np.where(right, label, 1 - label).tolist(),
+                        "label": label.tolist()}}}})
+    return out
+
+
+def test_comparisons_pair_rows_with_unequal_seed_counts_on_their_common_seeds_and_say_so():
+    records = (glue_records("lora", range(10), 0.8, 0) + glue_records("reslora_bs", range(10), 0.8, 1)
+               + glue_records("adalora", range(3), 0.6, 2))
+    text = interval_comparison(records, ["sst2"], [("reslora_bs", "lora"), ("adalora", "lora")])
+    lines = text.splitlines()
+    assert lines[0].startswith("Family: this table holds 2 comparisons")
+    bs = next(line for line in lines if line.startswith("| ResLoRA_bs − LoRA (r=4) |"))
+    ada = next(line for line in lines if line.startswith("| AdaLoRA − LoRA (r=4)‡ |"))
+    assert "of 10 seeds" in bs and "not resolved" in bs
+    assert "0 of 3 seeds" in ada and "**resolved: lower**" in ada
+    assert "‡ paired on the 3 seeds both rows ran (0, 1, 2); the row ran 3, the baseline 10." in lines
+    assert re.search(r"Detectable difference per task .*SST-2 \(Acc\) \d+\.\d\d points \(n=3/10\)", text)
+    silent = interval_comparison(records, ["sst2"], [("adalora", "lora")], no_claim={"sst2": DOES_NOT_LEARN})
+    assert silent.startswith("Family: this table holds 0 comparisons (1 more lines draw no claim")
+    assert DOES_NOT_LEARN in silent and "**resolved" not in silent
+
+
+def test_seeds_added_at_the_selected_rate_neither_break_the_grid_nor_move_the_selection():
+    from reslora.lab.report import LR_SWEEP_ROWS, complete_tasks, grid_cells, selected_rates
+
+    rates = [5e-4, 1e-3, 2e-3, 4e-3]
+    rows = [{"task": "sst2", "method": m, "seed": s, "lr": lr, "validation": 80 + (lr == 1e-3), "test": 0.0,
+             "train_loss": 0.0} for m in LR_SWEEP_ROWS for s in (0, 1, 2) for lr in rates]
+    # seven more seeds of LoRA at another rate (as ten_seeds adds them): they score higher on validation
+    rows += [{**rows[0], "seed": s, "lr": 4e-3, "validation": 99.0} for s in range(3, 10)]
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    assert grid_cells(frame, ["sst2"]) == {"sst2": (len(rates) * len(LR_SWEEP_ROWS) * 3,) * 2}
+    assert complete_tasks(frame, ["sst2"]) == ["sst2"]
+    assert selected_rates(frame)[("sst2", "lora")] == 1e-3

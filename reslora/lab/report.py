@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from .records import load_records
-from .stats import PairedDifference, paired_difference
+from .stats import LEVEL, PairedDifference, constant_baseline, holm, paired_difference
 
 
 ROW_LABELS = {"lora": "LoRA (r=4)", "lora_r16": "LoRA (r=16)", "peft_lora": "PEFT LoRA (r=4)", "adalora": "AdaLoRA",
@@ -126,73 +127,202 @@ def paired_comparison(frame: pd.DataFrame, tasks: list[str], baseline: str = "lo
                 continue
             diff = both[method] - both[baseline]
             won = diff < 0 if lower_is_better else diff > 0
-            cells.append(f"{diff.mean():+.2f} ({int(won.sum())}/{len(diff)} won)")
+            cells.append(f"{diff.mean():+.2f} (won on {int(won.sum())} of {len(diff)} seeds)")
         lines.append(f"| {label(method)} − {label(baseline)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def format_difference(d: PairedDifference, scale: float = 100.0) -> str:
-    """'+2.13 [-0.40, +4.71] (2/3)': mean difference in points, its 95% interval, seeds won."""
-    return f"{scale * d.mean:+.2f} [{scale * d.low:+.2f}, {scale * d.high:+.2f}] ({d.won}/{d.seeds})"
+INTERVAL_NOTE = (
+    "Each line: the per-seed paired differences (row − baseline on the same seed and test items, in points), their "
+    "mean, and the **seed-level 95% interval**: a t interval over the per-seed differences (n − 1 degrees of "
+    "freedom; `reslora/lab/stats.py`). It is the verdict: a difference is *resolved* only when it excludes 0. Why "
+    "not a bootstrap over seeds: with 3 seeds it sees 10 distinct seed multisets (78% of its replicates repeat a "
+    "seed, 11% use one seed three times) and is too narrow, while the t interval is exact for normal per-seed "
+    "differences. It holds the test items fixed (the question: on this test set, does the row beat the baseline "
+    "beyond seed noise?); the bootstrap below adds their sampling noise too, so it can be wider. p: the paired t "
+    "test's; Holm p: adjusted by Holm's method over this table's family "
+    "(statsmodels). Second view: the **item-and-seed bootstrap** (seeds, then the same test items for both rows, "
+    "with replacement; 10,000 replicates, percentile interval), which also sees the test set's sampling noise; ± is "
+    "the Monte Carlo error of its endpoints (half-width of each quantile's distribution-free 95% interval from the "
+    "replicates' order statistics), and *borderline* marks a bootstrap verdict that another random draw could flip "
+    "(an endpoint within its Monte Carlo error of 0). Detectable: the smallest true difference a paired t test on "
+    "these seeds finds with 80% power (two-sided 5%) at the observed SD of the per-seed differences "
+    "(statsmodels' TTestPower).")
+
+
+@dataclass
+class Comparison:
+    """One line of a comparison table: a (row − baseline) difference on a task, or why it is missing."""
+    name: str                          # "ResLoRA_bs − LoRA (r=4)"
+    task: str                          # its task (or the column it reports, e.g. "style score (%)")
+    difference: PairedDifference | None
+    note: str = ""                     # a footnote mark ("‡") and its text, set by who builds the line
+    no_claim: str = ""                 # why no claim is drawn (the task does not learn): out of the family
+
+
+def points(x: float) -> str:
+    return f"{100 * x:+.2f}"
+
+
+def interval_text(low: float, high: float) -> str:
+    return f"[{points(low)}, {points(high)}]"
+
+
+def p_text(p: float) -> str:
+    return "—" if math.isnan(p) else "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def comparison_table(comparisons: list[Comparison], what: str = "row − baseline", task_header: str = "task"
+                     ) -> list[str]:
+    """Markdown lines: the family's size and Holm's correction, one line per comparison (INTERVAL_NOTE), the
+    footnotes of its marks, and per task the median detectable difference."""
+    family = [c for c in comparisons if c.difference is not None and not c.no_claim]
+    adjusted = dict(zip(map(id, family), holm([c.difference.p for c in family])))
+    resolved = [c for c in family if c.difference.resolved()]
+    held = [c for c in resolved if adjusted[id(c)] < 1 - LEVEL]
+    lines = [f"Family: this table holds {len(family)} comparisons"
+             + (f" ({len(comparisons) - len(family)} more lines draw no claim, below)" if len(family) < len(comparisons)
+                else "") + f"; {len(resolved)} resolved at the seed level, {len(held)} of them still after Holm's "
+             "correction over the family.", "",
+             f"| {what} | {task_header} | per seed | mean | seed-level 95% interval | p | Holm p | verdict | "
+             "item-and-seed bootstrap 95% ± MC error | won | detectable |", "|---" * 11 + "|"]
+    for c in comparisons:
+        d = c.difference
+        if d is None:
+            lines.append(f"| {c.name}{c.note[:1]} | {c.task} | — | — | — | — | — | "
+                         f"{c.no_claim or 'no records'} | — | — | — |")
+            continue
+        n = len(d.per_seed)
+        verdict = (c.no_claim or ("not resolved" if not d.resolved() else
+                   f"**resolved: {'higher' if d.mean > 0 else 'lower'}**"
+                   + ("" if adjusted[id(c)] < 1 - LEVEL else " (not after Holm)")))
+        boot = ("— (no per-item predictions)" if d.items is None else
+                f"{interval_text(d.boot_low, d.boot_high)} ±{100 * d.boot_error:.2f}"
+                + (" borderline" if d.borderline else ""))
+        ci = "— (1 seed)" if n < 2 else interval_text(*d.interval)
+        lines.append(f"| {c.name}{c.note[:1]} | {c.task} | {', '.join(map(points, d.per_seed))} | {points(d.mean)} "
+                     f"| {ci} | {p_text(d.p)} | {p_text(adjusted.get(id(c), math.nan))} | {verdict} | {boot} "
+                     f"| {d.won} of {n} seeds | {'—' if n < 2 else f'{100 * d.detectable:.2f}'} |")
+    notes = dict.fromkeys(c.note for c in comparisons if c.note)
+    lines += [""] * bool(notes) + [note for note in notes]
+    by_task: dict[str, list[PairedDifference]] = {}
+    for c in family:
+        if len(c.difference.per_seed) > 1:
+            by_task.setdefault(c.task, []).append(c.difference)
+    if by_task:
+        lines += ["", "Detectable difference per task (median over its comparisons in this table; seeds paired): "
+                  + "; ".join(f"{task} {100 * np.median([d.detectable for d in ds]):.2f} points (n="
+                              + "/".join(str(k) for k in sorted({len(d.per_seed) for d in ds})) + ")"
+                              for task, ds in by_task.items()) + "."]
+    return lines
+
+
+def by_cell(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    cells: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        cells.setdefault((r["method"], r["task"]), []).append(r)
+    return cells
+
+
+def record_difference(row: list[dict], base: list[dict], modes: tuple[str | None, str | None] = (None, None),
+                      flag: str = "correct", metric: str | None = None) -> tuple[PairedDifference | None, str]:
+    """The paired difference of two cells' records, on their common seeds, and a footnote when those are not all
+    the seeds of both (the pairing then drops the others, and the table says so). Records without per-item
+    predictions give the seed-level statistics of their recorded test metric, without bootstrap (note †).
+    ``metric``: default, the records' headline metric; ``flag``: stats.paired_difference's."""
+    row_seeds, base_seeds = sorted({r["seed"] for r in row}), sorted({r["seed"] for r in base})
+    common = sorted(set(row_seeds) & set(base_seeds))
+    if not common:
+        return None, ""
+    note = "" if row_seeds == base_seeds else (
+        f"‡ paired on the {len(common)} seeds both rows ran ({', '.join(map(str, common))}); the row ran "
+        f"{len(row_seeds)}, the baseline {len(base_seeds)}.")
+    metric = metric or row[0]["headline_metric"]
+    d = paired_difference(row, base, metric, row_mode=modes[0], baseline_mode=modes[1], flag=flag, seeds=common)
+    if d is None:
+        def value(r: dict, mode: str | None) -> float:
+            return r["final"][mode or r["headline_mode"]]["test"][metric]
+        row_at, base_at = ({r["seed"]: r for r in cell} for cell in (row, base))
+        d = PairedDifference(tuple(common), tuple(value(row_at[s], modes[0]) - value(base_at[s], modes[1])
+                                                  for s in common))
+        note = note or "† records without per-item predictions (made before they were stored): seed-level only."
+    return d, note
 
 
 def interval_comparison(records: list[dict], tasks: list[str], pairs: list[tuple[str, str]],
-                        modes: tuple[str | None, str | None] = (None, None)) -> str:
-    """Markdown: per task, each (row, baseline) pair's paired difference of the test metric in points with its
-    95% bootstrap interval over test items and seeds (reslora.stats), and the seeds the row won. ``modes``: the
-    eval modes compared (default: each record's headline mode). Records without per-item predictions show the
-    mean difference and the seeds won only, marked †."""
-    by_cell: dict[tuple[str, str], list[dict]] = {}
-    for r in records:
-        by_cell.setdefault((r["method"], r["task"]), []).append(r)
-    lines = ["| row − baseline | " + " | ".join(task_column(t) for t in tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
-    unpaired = False
+                        modes: tuple[str | None, str | None] = (None, None), no_claim: dict[str, str] | None = None
+                        ) -> str:
+    """Markdown: per (row, baseline) pair and task, the paired difference of the test metric (comparison_table).
+    ``modes``: the eval modes compared (default: each record's headline mode). ``no_claim``: {task: why no claim
+    is drawn there} (a task that does not learn): its lines are shown, out of the family."""
+    cells, no_claim = by_cell(records), no_claim or {}
+    comparisons = []
     for method, baseline in pairs:
-        cells = []
         for task in tasks:
-            row, base = by_cell.get((method, task)), by_cell.get((baseline, task))
+            row, base = cells.get((method, task)), cells.get((baseline, task))
             if not row or not base:
-                cells.append("—")
                 continue
-            d = paired_difference(row, base, row[0]["headline_metric"], row_mode=modes[0], baseline_mode=modes[1])
-            if d is None:
-                unpaired = True
-                value = {r["seed"]: r for r in base}
-                diffs = [100 * (r["final"][modes[0] or r["headline_mode"]]["test"][r["headline_metric"]]
-                                - value[r["seed"]]["final"][modes[1] or value[r["seed"]]["headline_mode"]]["test"][
-                                    r["headline_metric"]]) for r in row if r["seed"] in value]
-                cells.append(f"{np.mean(diffs):+.2f} † ({sum(x > 0 for x in diffs)}/{len(diffs)})" if diffs else "—")
-            else:
-                cells.append(format_difference(d))
-        lines.append(f"| {label(method)} − {label(baseline)} | " + " | ".join(cells) + " |")
-    if unpaired:
-        lines += ["", "† records without per-item predictions (made before they were stored): mean difference and "
-                  "seeds won only, no interval."]
-    return "\n".join(lines)
+            d, note = record_difference(row, base, modes)
+            comparisons.append(Comparison(f"{label(method)} − {label(baseline)}", task_column(task), d, note,
+                                          no_claim.get(task, "")))
+    return "\n".join(comparison_table(comparisons))
 
 
 def mode_interval_table(records: list[dict], methods: list[str], modes: list[str], reference: str,
                         tasks: list[str]) -> str:
     """Markdown: for each method and eval mode, (mode − ``reference`` mode) of the same trained models in points,
-    per task, with the paired 95% interval over test items and seeds (reslora.stats); — without predictions."""
-    lines = ["| method | mode − " + MODE_LABELS[reference] + " | " + " | ".join(task_column(t) for t in tasks) + " |",
-             "|---" * (len(tasks) + 2) + "|"]
+    per task, paired by seed and item (comparison_table)."""
+    comparisons = []
     for method in methods:
         for mode in modes:
-            cells = []
             for task in tasks:
                 runs = [r for r in records if r["method"] == method and r["task"] == task and mode in r["final"]]
-                d = paired_difference(runs, runs, runs[0]["headline_metric"], row_mode=mode,
-                                      baseline_mode=reference) if runs else None
-                cells.append(format_difference(d) if d else "—")
-            lines.append(f"| {label(method)} | {MODE_LABELS[mode]} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+                if runs:
+                    d, note = record_difference(runs, runs, (mode, reference))
+                    comparisons.append(Comparison(f"{label(method)}: {MODE_LABELS[mode]} − {MODE_LABELS[reference]}",
+                                                  task_column(task), d, note))
+    return "\n".join(comparison_table(comparisons, "method: mode − reference"))
+
+
+DOES_NOT_LEARN = "no claim: the task does not learn at this scale"
+
+
+def learning_check(records: list[dict], tasks: list[str], method: str = "lora") -> tuple[list[str], dict[str, str]]:
+    """Which tasks can speak: per task, ``method`` (LoRA (r=4)) minus the best constant prediction of its test split
+    (stats.constant_baseline), paired by seed and item. Returns the markdown lines and {task: DOES_NOT_LEARN} for
+    each task where the row is not above the constant at the seed level (its comparisons draw no claim)."""
+    cells, comparisons, silent = by_cell(records), [], {}
+    for task in tasks:
+        runs = cells.get((method, task))
+        if not runs:
+            continue
+        metric = runs[0]["headline_metric"]
+        found = constant_baseline(runs, metric)
+        if found is None:
+            continue
+        d, constant, value = found
+        what = (f"constant prediction (the mean label, {constant:.2f}): Pearson undefined, taken as 0"
+                if metric == "pearson" else f"majority class (label {constant:g}; {100 * value:.2f})")
+        comparisons.append(Comparison(f"{label(method)} − {what}", task_column(task), d))
+        if not (d.resolved() and d.mean > 0):
+            silent[task] = DOES_NOT_LEARN
+    lines = ["## Which tasks can speak", "",
+             f"{label(method)} against the best constant prediction of each test split: the majority class for "
+             "accuracy (its share of the test items) and for Matthews correlation (0: a constant has none); for "
+             "STS-B there is no majority class, and a constant prediction has no Pearson correlation (undefined, taken "
+             "as 0). A task where LoRA is not above it at the seed level does not learn at this scale: its lines below "
+             "draw no claim and leave the family. Intervals and columns as in the comparison below.", "",
+             *comparison_table(comparisons, "row − constant"), ""]
+    if silent:
+        lines += ["Tasks that do not learn at this scale (no claim is drawn from them): "
+                  + ", ".join(task_name(t) for t in silent) + ".", ""]
+    return lines, silent
 
 
 def grid_cells(frame: pd.DataFrame, tasks: list[str]) -> dict[str, tuple[int, int]]:
     """Per task of an lr-sweep frame: (cells run, cells its grid needs: every rate for each of its rows and
-    seeds)."""
-    swept = frame[frame["method"].isin(LR_SWEEP_ROWS)]
+    seeds). Only the sweep's own seeds count (sweep_seeds)."""
+    swept = sweep_seeds(frame[frame["method"].isin(LR_SWEEP_ROWS)])
     rates = swept["lr"].nunique()
     return {t: (len(part), rates * part["method"].nunique() * part["seed"].nunique())
             for t in tasks for part in [swept[swept.task == t]]}
@@ -213,10 +343,16 @@ def lr_sweep_records(results: Path, scale: str, allow_dirty: bool | None = None)
     return own, borrowed
 
 
+def sweep_seeds(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the sweep's own seeds (lr_sweep.yaml). Seeds run later at the selected rates only (ten seeds on
+    SST-2 and STS-B) neither make the grid incomplete nor move the selection they were run at."""
+    return frame[frame["seed"].isin([int(s) for s in LR_SWEEP["seeds"]])]
+
+
 def selected_rates(frame: pd.DataFrame) -> dict[tuple[str, str], float]:
-    """{(task, method): the learning rate with the highest mean over seeds of the best validation metric}:
-    selection on validation, never on test."""
-    means = frame.groupby(["task", "method", "lr"])["validation"].mean()
+    """{(task, method): the learning rate with the highest mean over the sweep's seeds of the best validation
+    metric}: selection on validation, never on test."""
+    means = sweep_seeds(frame).groupby(["task", "method", "lr"])["validation"].mean()
     return {(task, method): group.droplevel(["task", "method"]).idxmax()
             for (task, method), group in means.groupby(level=["task", "method"])}
 
