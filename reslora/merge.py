@@ -112,7 +112,8 @@ def _as_stored(layer: ResLoraLinear, delta: torch.Tensor) -> torch.Tensor:
 
 def _weight_norm(layer: ResLoraLinear) -> torch.Tensor:
     dtype = _compute_dtype(layer)
-    return torch.linalg.matrix_norm(layer.weight.detach().to(dtype) + _as_stored(layer, layer.delta_weight().detach().to(dtype)))
+    delta = _as_stored(layer, layer.delta_weight().detach().to(dtype))
+    return torch.linalg.matrix_norm(layer.weight.detach().to(dtype) + delta)
 
 
 def _branch(layer: ResLoraLinear, x: torch.Tensor) -> torch.Tensor:
@@ -217,11 +218,12 @@ def export_peft_adapter(model, directory: str | Path, mode: str, task_type: str 
     for name, param in model.base_model.named_parameters():
         if (param.requires_grad or in_head(name)) and not name.endswith((".lora_A", ".lora_B")):
             tensors[f"base_model.model.{name}"] = param.detach()
+    fan_in_fan_out = any(layer.fan_in_fan_out for layer in model.named_reslora_layers().values())  # Conv1D
     peft_config = LoraConfig(
         r=config.r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
         target_modules=list(model.named_reslora_layers()), rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
         modules_to_save=config.modules_to_save or None, base_model_name_or_path=config.base_model_name_or_path,
-        task_type=task_type, fan_in_fan_out=any(layer.fan_in_fan_out for layer in model.named_reslora_layers().values()))
+        task_type=task_type, fan_in_fan_out=fan_in_fan_out)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     peft_config.save_pretrained(str(directory))

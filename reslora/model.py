@@ -10,6 +10,7 @@ import inspect
 import json
 import logging
 import re
+import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -132,9 +133,9 @@ def stack_root(module_name: str) -> str:
 
 
 def role_name(module_name: str) -> str:
-    """The role a chain is grouped by (method.md, "Chain"): the target name together with the name of its parent
-    module, numeric indices dropped (``...layer.3.attention.self.query`` -> ``self.query``; in a diffusers UNet
-    ``...attn1.to_k`` (self-attention) and ``...attn2.to_k`` (cross-attention) are different roles)."""
+    """A target layer's role, the label reports give a chain (method.md, "Chain"): the target name together with
+    the name of its parent module, numeric indices dropped (``...layer.3.attention.self.query`` -> ``self.query``;
+    in a diffusers UNet ``...attn1.to_k`` (self-attention) and ``...attn2.to_k`` (cross-attention) differ)."""
     parts = module_name.split(".")
     target = target_name(module_name)
     parents = [p for p in parts[: len(parts) - len(target.split("."))] if not p.isdigit()]
@@ -142,7 +143,7 @@ def role_name(module_name: str) -> str:
 
 
 class Chain:
-    """The target layers of one role and one (in, out) shape, in the order the blocks run.
+    """The target layers of one group (``chain_group``) and one (in, out) shape, in the order the blocks run.
 
     ``wire`` gives each layer its previous blocks (nearest first): none for ``lora``, one for ``is``,
     ``pre_num`` (or all, for -1) for ``bs`` and ``ms``; near the start of a chain only those that exist."""
@@ -171,6 +172,9 @@ class Chain:
         self.names, self.layers = self.names[:i], self.layers[:i]
         self.wire()
         Chain(tail_names, tail_layers, self.depth, self._chains)
+        if all(len(chain.layers) == 1 for chain in self._chains):
+            warnings.warn(f"ResLoRA: after the split before {tail_names[0]} ({reason}) no chain is longer than one "
+                          "block: every layer now trains as plain LoRA", stacklevel=2)
 
 
 def _chain_depth(config: ResLoraConfig) -> int:
@@ -233,10 +237,11 @@ class ResLoraModel(nn.Module):
 
     # ---- construction -------------------------------------------------------------------------------
     def _inject(self, config: ResLoraConfig) -> None:
-        patterns = config.target_modules
-        if isinstance(patterns, str) and patterns.lower() == ALL_LINEAR:
-            patterns = all_linear_targets(self.base_model, self.reslora_config.task_type)
-        targets = [(n, m) for n, m in self.base_model.named_modules() if n and matches(n, patterns)]
+        if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
+            chosen = set(all_linear_targets(self.base_model, self.reslora_config.task_type))
+            targets = [(n, m) for n, m in self.base_model.named_modules() if n in chosen]
+        else:
+            targets = [(n, m) for n, m in self.base_model.named_modules() if n and matches(n, config.target_modules)]
         if not targets:
             linears = sorted({target_name(n) for n, m in self.base_model.named_modules() if n and is_linear(m)})
             raise ValueError(f"target_modules={config.target_modules!r} matched no module; the linear layers "

@@ -148,6 +148,26 @@ def test_a_variant_without_any_chain_is_refused_and_leaves_the_base_model_as_it_
         assert all(p.requires_grad for p in base.parameters())
 
 
+class Shrinking(torch.nn.Module):
+    """Two equal linears whose inputs have different lengths: one chain by names and shapes, split at run time."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(2))
+
+    def forward(self, x):
+        return self.layers[1](self.layers[0](x)[:, :2])
+
+
+@pytest.mark.parametrize("variant", ["is", "ms"])
+def test_a_run_time_split_that_leaves_no_chain_warns(variant):
+    model = get_reslora_model(Shrinking(), ResLoraConfig(variant=variant, r=2, target_modules=["layers.0", "layers.1"]))
+    assert chains_of(model) == [["layers.0", "layers.1"]]
+    with pytest.warns(UserWarning, match="no chain is longer than one block"):
+        model(torch.randn(2, 3, 4))
+    assert chains_of(model) == [["layers.0"], ["layers.1"]]
+
+
 # ---- targets: Conv1D and "all-linear" ----------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["gpt2", "distilbert", "bert", "vit", "t5", "mlp"])
 def test_all_linear_targets_what_peft_targets(name):
