@@ -21,14 +21,16 @@ class ResLoraConfig:
     r, lora_alpha, lora_dropout: as in LoRA; the LoRA branch is scaled by ``lora_alpha / r``.
     target_modules: names matched as a whole dotted suffix of a module name (``"query"`` matches
         ``...attention.self.query``, as in PEFT), or one string taken as a regex matched against the whole
-        module name.
+        module name, or ``"all-linear"``: every ``nn.Linear`` and transformers ``Conv1D`` but the output layer
+        (PEFT's rule). A chain joins the same target of consecutive blocks of one stack (method.md, "Chain").
     pre_num: how many previous blocks ``bs`` and ``ms`` use; -1 means all of them. ``is`` uses one.
     window: how many recent per-step input norms each block keeps for the merge statistics.
     modules_to_save: modules (matched like ``target_modules``) kept fully trainable and saved with the
         adapter, e.g. a freshly initialised classification head.
-    layer_order: module-name prefixes in the order their blocks run, when that differs from the order in
-        which they are registered (chains follow it): diffusers' UNet registers ``up_blocks`` before
-        ``mid_block``, so it needs ``["down_blocks", "mid_block", "up_blocks"]``. Empty: registration order.
+    layer_order: module-name prefixes of the parts of one stream of blocks, in the order they run: their layers
+        chain as one stack in that order. A diffusers UNet's down, mid and up blocks are one stream, which
+        diffusers registers as down, up, mid: ``["down_blocks", "mid_block", "up_blocks"]``. Empty: every part
+        (an encoder, a decoder, ``down_blocks``) chains apart, its blocks in registration order.
     detach_shortcut: a research ablation, off by default (never use it to train a real ResLoRA model). The
         forward pass is unchanged bit for bit, but no gradient flows through the residual terms: ``is``
         through x_{n-1} in layer n's branch, ``ms`` through A_{n-k} d(x_{n-k}) (k >= 1) in layer n's sum,

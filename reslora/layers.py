@@ -8,6 +8,7 @@ what the earlier blocks of the chain computed in the current forward pass and no
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -70,10 +71,20 @@ def share_statistics(recorded: list) -> None:
         layer.ax_norms.index_copy_(0, slot, ax_norm.view(1))
 
 
-class ResLoraLinear(nn.Module):
-    """Takes the place of a target ``nn.Linear``: ``h_n = W_n x_n + s * (ResLoRA branch)``.
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2 family): a linear layer whose weight is stored
+    transposed, (in x out), PEFT's ``fan_in_fan_out``. A model holding one has imported transformers already, so
+    the library never imports it (it needs torch and safetensors only)."""
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return conv1d is not None and isinstance(module, conv1d)
 
-    The frozen ``base_layer`` is the original linear module; ``lora_A`` (r x in, Kaiming-uniform as in LoRA)
+
+class ResLoraLinear(nn.Module):
+    """Takes the place of a target ``nn.Linear`` (or transformers' ``Conv1D``): ``h_n = W_n x_n + s * (ResLoRA
+    branch)``.
+
+    The frozen ``base_layer`` is the original linear module; ``weight`` is its weight as stored (``(in x out)`` for
+    a ``Conv1D``: ``fan_in_fan_out``), while ``lora_A`` (r x in, Kaiming-uniform as in LoRA)
     and ``lora_B`` (out x r, zeros) are the trainable tensors, so with B at its init the layer equals the
     base layer. The residual terms carry gradient: the shorter backward path through them is the point of the
     method (paper Sec. 3.4); only the research ablation ``detach_shortcut`` (ResLoraConfig) cuts it, leaving
@@ -87,9 +98,10 @@ class ResLoraLinear(nn.Module):
         self.variant = variant
         self.r = r
         self.scaling = lora_alpha / r
+        self.fan_in_fan_out = is_conv1d(base_layer)
         weight = base_layer.weight
-        self.lora_A = nn.Parameter(torch.empty(r, base_layer.in_features, dtype=weight.dtype, device=weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, r, dtype=weight.dtype, device=weight.device))
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=weight.dtype, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=weight.dtype, device=weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.window = window
@@ -108,11 +120,11 @@ class ResLoraLinear(nn.Module):
 
     @property
     def in_features(self) -> int:
-        return self.base_layer.in_features
+        return self.base_layer.nx if self.fan_in_fan_out else self.base_layer.in_features
 
     @property
     def out_features(self) -> int:
-        return self.base_layer.out_features
+        return self.base_layer.nf if self.fan_in_fan_out else self.base_layer.out_features
 
     @property
     def weight(self) -> torch.Tensor:

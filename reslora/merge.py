@@ -41,6 +41,7 @@ from .io import atomic_path
 from .layers import ResLoraLinear
 
 MERGE_MODES = ("plain", "merge_bi", "merge_bw", "merge_ls")
+INFERRED = "inferred"  # export_peft_adapter's default task type: the adapter's own (given, or read off the base class)
 
 
 def _check_mode(mode: str) -> None:
@@ -104,9 +105,15 @@ def _compute_dtype(layer: ResLoraLinear) -> torch.dtype:
     return torch.promote_types(layer.weight.dtype, torch.float32)
 
 
+def _as_stored(layer: ResLoraLinear, delta: torch.Tensor) -> torch.Tensor:
+    """An (out x in) update in the layout of the base weight: transformers' Conv1D stores it as (in x out)."""
+    return delta.T if layer.fan_in_fan_out else delta
+
+
 def _weight_norm(layer: ResLoraLinear) -> torch.Tensor:
     dtype = _compute_dtype(layer)
-    return torch.linalg.matrix_norm(layer.weight.detach().to(dtype) + layer.delta_weight().detach().to(dtype))
+    delta = _as_stored(layer, layer.delta_weight().detach().to(dtype))
+    return torch.linalg.matrix_norm(layer.weight.detach().to(dtype) + delta)
 
 
 def _branch(layer: ResLoraLinear, x: torch.Tensor) -> torch.Tensor:
@@ -161,14 +168,14 @@ def fit_merge_ls(model, batches, ridge: float = 1e-4) -> None:
 
 @torch.no_grad()
 def merged_weights(model, mode: str) -> dict[ResLoraLinear, torch.Tensor]:
-    """W*_n for every ResLoRA block of ``model`` in ``mode``."""
+    """W*_n for every ResLoRA block of ``model`` in ``mode``, in the layout and dtype of the block's base weight."""
     _check_mode(mode)
     merged = {}
     for layer in model.named_reslora_layers().values():
         B, A = low_rank_factors(layer, mode)
         dtype = _compute_dtype(layer)
         delta = layer.scaling * (B.to(dtype) @ A.to(dtype))
-        merged[layer] = (layer.weight.to(dtype) + delta).to(layer.weight.dtype)
+        merged[layer] = (layer.weight.to(dtype) + _as_stored(layer, delta)).to(layer.weight.dtype)
     return merged
 
 
@@ -182,14 +189,16 @@ def delta_norms(model, mode: str) -> dict[str, dict[str, float]]:
 
 
 @torch.no_grad()
-def export_peft_adapter(model, directory: str | Path, mode: str) -> None:
+def export_peft_adapter(model, directory: str | Path, mode: str, task_type: str | None = INFERRED) -> None:
     """Write the merged model as a PEFT LoRA adapter: per block the factors (B*, A*) of
-    ``low_rank_factors`` at the adapter's own scaling s, so ``bs`` blocks have rank (k+1) r. Needs peft (imported
-    here only: the library itself does not)."""
+    ``low_rank_factors`` at the adapter's own scaling s, so ``bs`` blocks have rank (k+1) r. ``task_type`` is
+    PEFT's (``"SEQ_2_SEQ_LM"``, ...; None: none, PEFT's plain ``PeftModel``), by default the adapter's own. Needs
+    peft (imported here only: the library itself does not)."""
     from peft import LoraConfig
 
     _check_mode(mode)
     config = model.reslora_config
+    task_type = config.task_type if task_type == INFERRED else task_type
     tensors, rank_pattern, alpha_pattern = {}, {}, {}
     for name, layer in model.named_reslora_layers().items():
         B, A = low_rank_factors(layer, mode)
@@ -198,16 +207,23 @@ def export_peft_adapter(model, directory: str | Path, mode: str) -> None:
         if A.shape[0] != config.r:
             rank_pattern[name] = A.shape[0]
             alpha_pattern[name] = layer.scaling * A.shape[0]
-    # PEFT keeps a sequence classifier's head ("classifier" or "score") with the adapter for SEQ_CLS, trained or not
-    heads = ("classifier", "score") if config.task_type == "SEQ_CLS" else ()
+    # PEFT keeps a sequence classifier's head with the adapter for SEQ_CLS, trained or not: every module whose name
+    # ends with "classifier" or "score" (its rule: DistilBERT's pre_classifier too), with all its parameters
+    heads = ("classifier", "score") if task_type == "SEQ_CLS" else ()
+
+    def in_head(name: str) -> bool:
+        parts = name.split(".")
+        return bool(heads) and any(".".join(parts[:i]).endswith(heads) for i in range(1, len(parts)))
+
     for name, param in model.base_model.named_parameters():
-        if (param.requires_grad or name.split(".")[0] in heads) and not name.endswith((".lora_A", ".lora_B")):
+        if (param.requires_grad or in_head(name)) and not name.endswith((".lora_A", ".lora_B")):
             tensors[f"base_model.model.{name}"] = param.detach()
+    fan_in_fan_out = any(layer.fan_in_fan_out for layer in model.named_reslora_layers().values())  # Conv1D
     peft_config = LoraConfig(
         r=config.r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
         target_modules=list(model.named_reslora_layers()), rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-        modules_to_save=config.modules_to_save or None,
-        base_model_name_or_path=config.base_model_name_or_path, task_type=config.task_type)
+        modules_to_save=config.modules_to_save or None, base_model_name_or_path=config.base_model_name_or_path,
+        task_type=task_type, fan_in_fan_out=fan_in_fan_out)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     peft_config.save_pretrained(str(directory))

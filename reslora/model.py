@@ -10,6 +10,7 @@ import inspect
 import json
 import logging
 import re
+import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from torch import nn
 
 from .config import CONFIG_NAME, LEGACY_CONFIG_NAME, ResLoraConfig, read_adapter_config
 from .io import atomic_path, write_json
-from .layers import ForwardSlot, ForwardState, ResLoraLinear
+from .layers import ForwardSlot, ForwardState, ResLoraLinear, is_conv1d
+from .merge import INFERRED
 
 log = logging.getLogger("reslora")
 
@@ -30,6 +32,8 @@ TRAINER_WEIGHTS_NAME = "model.safetensors"
 EXTRA_STATE = "_extra_state"
 CHAINS_NAME = "chains.json"  # older adapters only: the chains are now in adapter_config.json
 LS_SOLUTION = "ls_solution"  # the merge_ls fit of a block, saved with the adapter
+ALL_LINEAR = "all-linear"  # target_modules shorthand, as in PEFT
+SEQ_CLS_HEADS = ("score", "classifier")  # what PEFT's all-linear leaves out of a classifier (its head)
 # PEFT's task types by the class-name suffix of a transformers model
 TASK_TYPES = {"ForSequenceClassification": "SEQ_CLS", "ForCausalLM": "CAUSAL_LM", "ForTokenClassification": "TOKEN_CLS",
               "ForQuestionAnswering": "QUESTION_ANS", "ForConditionalGeneration": "SEQ_2_SEQ_LM"}
@@ -89,10 +93,53 @@ def target_name(module_name: str) -> str:
     return ".".join(parts[i:])
 
 
+def is_linear(module: nn.Module) -> bool:
+    """A layer ResLoRA can adapt: ``nn.Linear`` or transformers' ``Conv1D`` (its weight stored transposed)."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def all_linear_targets(base_model: nn.Module, task_type: str | None) -> list[str]:
+    """PEFT's ``target_modules="all-linear"``: every linear layer but the output layer, which is the output
+    embeddings of a transformers model, or the head (``score``, ``classifier``) of a sequence classifier."""
+    output = getattr(base_model, "get_output_embeddings", lambda: None)()
+    if output is None and task_type == "SEQ_CLS":
+        output = next((getattr(base_model, name) for name in SEQ_CLS_HEADS if hasattr(base_model, name)), None)
+    return [n for n, m in base_model.named_modules() if n and is_linear(m) and m is not output]
+
+
+def chain_group(module_name: str, layer_order: list[str]) -> str:
+    """The group a target layer chains in (method.md, "Chain"): its name with the indices of repeated blocks
+    wildcarded, so the same layer of consecutive blocks of one stack shares a group and the encoder's and the
+    decoder's do not (``encoder.block.*.layer.*.SelfAttention.q``, ``decoder.block.*...``).
+
+    A trailing index is part of the layer's own name (``attn1.to_out.0``), unless it is the name's only index: the
+    linears of an ``nn.Sequential`` or ``nn.ModuleList`` outside any repeated block (``mlp.0``, ``mlp.2``) chain
+    along it. The parts of one stream that ``layer_order`` names (a UNet's down, mid and up blocks) are one
+    stack: the prefix and the index after it are dropped."""
+    parts = module_name.split(".")
+    for prefix in layer_order:
+        head = prefix.split(".")
+        if parts[:len(head)] == head:
+            rest = parts[len(head):]
+            parts = ["<layer_order>", *(rest[1:] if rest and rest[0].isdigit() else rest)]
+            break
+    indices = [i for i, p in enumerate(parts) if p.isdigit()]
+    own = len(parts) - 1 if len(indices) > 1 and indices[-1] == len(parts) - 1 else None
+    return ".".join("*" if p.isdigit() and i != own else p for i, p in enumerate(parts))
+
+
+def stack_root(module_name: str) -> str:
+    """The module holding the container of a layer's repeated blocks (``encoder`` for ``encoder.block.3...``,
+    ``model`` for ``model.layers.3...``; the root, "", when the container is the model's own child)."""
+    parts = module_name.split(".")
+    first = next((i for i, p in enumerate(parts) if p.isdigit()), 0)
+    return ".".join(parts[:max(first - 1, 0)])
+
+
 def role_name(module_name: str) -> str:
-    """The role a chain is grouped by (method.md, "Chain"): the target name together with the name of its parent
-    module, numeric indices dropped (``...layer.3.attention.self.query`` -> ``self.query``; in a diffusers UNet
-    ``...attn1.to_k`` (self-attention) and ``...attn2.to_k`` (cross-attention) are different roles)."""
+    """A target layer's role, the label reports give a chain (method.md, "Chain"): the target name together with
+    the name of its parent module, numeric indices dropped (``...layer.3.attention.self.query`` -> ``self.query``;
+    in a diffusers UNet ``...attn1.to_k`` (self-attention) and ``...attn2.to_k`` (cross-attention) differ)."""
     parts = module_name.split(".")
     target = target_name(module_name)
     parents = [p for p in parts[: len(parts) - len(target.split("."))] if not p.isdigit()]
@@ -100,7 +147,7 @@ def role_name(module_name: str) -> str:
 
 
 class Chain:
-    """The target layers of one role and one (in, out) shape, in the order the blocks run.
+    """The target layers of one group (``chain_group``) and one (in, out) shape, in the order the blocks run.
 
     ``wire`` gives each layer its previous blocks (nearest first): none for ``lora``, one for ``is``,
     ``pre_num`` (or all, for -1) for ``bs`` and ``ms``; near the start of a chain only those that exist."""
@@ -129,6 +176,9 @@ class Chain:
         self.names, self.layers = self.names[:i], self.layers[:i]
         self.wire()
         Chain(tail_names, tail_layers, self.depth, self._chains)
+        if all(len(chain.layers) == 1 for chain in self._chains):
+            warnings.warn(f"ResLoRA: after the split before {tail_names[0]} ({reason}) no chain is longer than one "
+                          "block: every layer now trains as plain LoRA", stacklevel=2)
 
 
 def _chain_depth(config: ResLoraConfig) -> int:
@@ -161,10 +211,14 @@ class ResLoraModel(nn.Module):
         except BaseException:
             self.unload()
             raise
-        # The forward state is scoped by hooks on the base model's root, so that every way of running it
-        # (our forward, generate, a direct call) gets a fresh state that is dropped when the call ends.
-        self._hooks = [base_model.register_forward_pre_hook(self._slot.begin),
-                       base_model.register_forward_hook(self._slot.end, always_call=True)]
+        # The forward state is scoped by hooks on the base model's root and on the root of each stack (an encoder,
+        # a decoder, a backbone), so that every way of running it (our forward, generate calling the encoder
+        # alone, a direct call of the backbone) gets a fresh state that is dropped when the outermost call ends.
+        roots = {""} | {stack_root(name) for name in self.named_reslora_layers()}
+        for root in sorted(roots):
+            module = base_model.get_submodule(root)
+            self._hooks += [module.register_forward_pre_hook(self._slot.begin),
+                            module.register_forward_hook(self._slot.end, always_call=True)]
         # The wrapper's state is the adapter's (what training changes), so that a checkpoint of it (a Trainer
         # checkpoint, torch.save(model.state_dict())) holds the adapter and not a copy of the frozen base model;
         # model.base_model.state_dict() has everything.
@@ -187,14 +241,19 @@ class ResLoraModel(nn.Module):
 
     # ---- construction -------------------------------------------------------------------------------
     def _inject(self, config: ResLoraConfig) -> None:
-        targets = [(n, m) for n, m in self.base_model.named_modules() if n and matches(n, config.target_modules)]
+        if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
+            chosen = set(all_linear_targets(self.base_model, self.reslora_config.task_type))
+            targets = [(n, m) for n, m in self.base_model.named_modules() if n in chosen]
+        else:
+            targets = [(n, m) for n, m in self.base_model.named_modules() if n and matches(n, config.target_modules)]
         if not targets:
-            linears = sorted({target_name(n) for n, m in self.base_model.named_modules() if isinstance(m, nn.Linear)})
+            linears = sorted({target_name(n) for n, m in self.base_model.named_modules() if n and is_linear(m)})
             raise ValueError(f"target_modules={config.target_modules!r} matched no module; the linear layers "
                              f"of this model are named {linears}")
         for name, module in targets:  # check them all before changing anything
-            if not isinstance(module, nn.Linear):
-                raise TypeError(f"target module {name!r} is a {type(module).__name__}; ResLoRA adapts nn.Linear only")
+            if not is_linear(module):
+                raise TypeError(f"target module {name!r} is a {type(module).__name__}; ResLoRA adapts nn.Linear and "
+                                "transformers' Conv1D only")
             if module.weight.is_meta:
                 raise ValueError(f"target module {name!r} has its weight on the meta device (no data): load the base "
                                  "model's weights first (e.g. from_pretrained without device_map='meta', or "
@@ -219,20 +278,30 @@ class ResLoraModel(nn.Module):
             return next((i for i, p in enumerate(config.layer_order) if item[0] == p or item[0].startswith(p + ".")),
                         len(config.layer_order))
 
+        def shape(layer):
+            return layer.in_features, layer.out_features
+
         groups: dict[str, list[tuple[str, ResLoraLinear]]] = {}
         for name, layer in sorted(self.named_reslora_layers().items(), key=run_order):
-            groups.setdefault(role_name(name), []).append((name, layer))
+            groups.setdefault(chain_group(name, config.layer_order), []).append((name, layer))
         chains: list[Chain] = []
         for members in groups.values():
             start = 0
             for i in range(1, len(members) + 1):
-                if i == len(members) or members[i][1].weight.shape != members[i - 1][1].weight.shape:
+                if i == len(members) or shape(members[i][1]) != shape(members[i - 1][1]):
                     if i < len(members):
-                        log.info("ResLoRA chain split before %s: shape %s -> %s", members[i][0],
-                                 tuple(members[i - 1][1].weight.shape), tuple(members[i][1].weight.shape))
+                        log.info("ResLoRA chain split before %s: (in, out) %s -> %s", members[i][0],
+                                 shape(members[i - 1][1]), shape(members[i][1]))
                     names, layers = zip(*members[start:i])
                     Chain(list(names), list(layers), _chain_depth(config), chains)
                     start = i
+        if config.variant != "lora" and all(len(chain.layers) == 1 for chain in chains):
+            raise ValueError(
+                f"variant={config.variant!r} found no chain longer than one block among its {len(chains)} target "
+                f"layers (first {chains[0].names[0]!r}), so it would train plain LoRA under another name. A chain "
+                "joins the same layer of consecutive blocks of one stack (equal names but for the block index, equal "
+                "(in, out) shapes; the linears of an nn.Sequential along their index). Target layers that repeat "
+                "across blocks, name the parts of one stream in layer_order, or use variant='lora'")
         return chains
 
     # ---- forward ------------------------------------------------------------------------------------
@@ -351,20 +420,22 @@ class ResLoraModel(nn.Module):
                 keywords = {k: v for k, v in func.keywords.items() if k != "context_fn"}
                 replacements[id(func)] = functools.partial(func.func, *func.args, **keywords)
         plain = copy.deepcopy(self.base_model, memo=replacements)
-        for handle in self._hooks:
-            for hooks in (plain._forward_pre_hooks, plain._forward_hooks, plain._forward_hooks_always_called):
-                hooks.pop(handle.id, None)
         for module in plain.modules():
+            for handle in self._hooks:
+                for hooks in (module._forward_pre_hooks, module._forward_hooks, module._forward_hooks_always_called):
+                    hooks.pop(handle.id, None)
             # A forward set on the instance by a tool (TRL's fused LM head, accelerate's autocast) would be copied
             # still calling the trained model's original forward through its closure: the merged model runs its own.
             vars(module).pop("forward", None)
         return plain
 
-    def export_peft_adapter(self, directory: str | Path, mode: str = "merge_bi") -> None:
-        """Write the merged model as an ordinary HF PEFT LoRA adapter (``PeftModel.from_pretrained``)."""
+    def export_peft_adapter(self, directory: str | Path, mode: str = "merge_bi", task_type: str | None = INFERRED):
+        """Write the merged model as an ordinary HF PEFT LoRA adapter (``PeftModel.from_pretrained``). ``task_type``
+        overrides PEFT's task type (the adapter's by default; None: none), e.g. for a model whose PEFT class
+        differs from the one its class name suggests."""
         from .merge import export_peft_adapter
 
-        export_peft_adapter(self, directory, mode)
+        export_peft_adapter(self, directory, mode, task_type)
 
     # ---- save / load --------------------------------------------------------------------------------
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:

@@ -156,12 +156,101 @@ class UNetSpec(Spec):
         return model(**inputs).sample
 
 
+class TokensSpec(Spec):
+    """A transformers model on token ids: ``build`` makes it from its config class with tiny sizes."""
+
+    def __init__(self, name: str, model_class: str, config_class: str, targets, seq2seq: bool = False, **config):
+        self.name, self.model_class, self.config_class = name, model_class, config_class
+        self.targets, self.seq2seq, self.config_kwargs = targets, seq2seq, config
+
+    def build(self):
+        import transformers
+
+        torch.manual_seed(0)
+        config = getattr(transformers, self.config_class)(vocab_size=40, **self.config_kwargs)
+        return getattr(transformers, self.model_class)(config).eval()
+
+    def inputs(self, seed=0):
+        g = torch.Generator().manual_seed(500 + seed)
+        mask = torch.ones(2, 7, dtype=torch.long)
+        mask[1, 5:] = 0
+        inputs = {"input_ids": torch.randint(3, 40, (2, 7), generator=g), "attention_mask": mask}
+        if self.seq2seq:  # the decoder's length differs from the encoder's, as in real use
+            inputs["decoder_input_ids"] = torch.randint(3, 40, (2, 4), generator=g)
+        return inputs
+
+    def output(self, model, inputs):
+        return model(**inputs).logits
+
+    def config(self, variant: str, **kw) -> ResLoraConfig:
+        if isinstance(self.targets, str):  # "all-linear"
+            kw.setdefault("target_modules", self.targets)
+        return super().config(variant, **kw)
+
+
+class ViTSpec(Spec):
+    name = "vit"
+    targets = ["q_proj", "v_proj"]
+
+    def build(self):
+        from transformers import ViTConfig, ViTForImageClassification
+
+        torch.manual_seed(0)
+        return ViTForImageClassification(ViTConfig(
+            image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=32, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).eval()
+
+    def inputs(self, seed=0):
+        g = torch.Generator().manual_seed(600 + seed)
+        return {"pixel_values": torch.randn(2, 3, 8, 8, generator=g)}
+
+    def output(self, model, inputs):
+        return model(**inputs).logits
+
+
+class MlpSpec(Spec):
+    """An ``nn.Sequential`` of linears, targeted with ``"all-linear"``: the linears chain along their index where
+    shapes allow (``2``, ``4``)."""
+
+    name = "mlp"
+    targets = "all-linear"
+
+    def build(self):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                             nn.Linear(16, 4)).eval()
+
+    def inputs(self, seed=0):
+        g = torch.Generator().manual_seed(700 + seed)
+        return {"x": torch.randn(3, 8, generator=g)}
+
+    def output(self, model, inputs):
+        return model(inputs["x"])
+
+    def config(self, variant: str, **kw) -> ResLoraConfig:
+        kw.setdefault("target_modules", self.targets)
+        return super().config(variant, **kw)
+
+
 TOY = ToySpec()
 BERT = BertSpec()
 LLAMA = LlamaSpec()
 LLAMA_ALL = LlamaSpec(("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"), "llama_all")
 UNET = UNetSpec()
-SPECS = {s.name: s for s in (TOY, BERT, LLAMA, LLAMA_ALL, UNET)}
+# GPT-2's linears are transformers' Conv1D (weight stored transposed); "all-linear" leaves out its lm_head
+GPT2 = TokensSpec("gpt2", "GPT2LMHeadModel", "GPT2Config", "all-linear", n_embd=16, n_layer=2, n_head=2,
+                  n_positions=16, bos_token_id=1, eos_token_id=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+T5 = TokensSpec("t5", "T5ForConditionalGeneration", "T5Config", ["q", "v"], seq2seq=True, d_model=16, d_kv=8,
+                d_ff=32, num_layers=2, num_heads=2, dropout_rate=0.0, decoder_start_token_id=0)
+BART = TokensSpec("bart", "BartForConditionalGeneration", "BartConfig", ["q_proj", "v_proj"], seq2seq=True,
+                  d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                  decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+                  dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+DISTILBERT = TokensSpec("distilbert", "DistilBertForSequenceClassification", "DistilBertConfig", ["q_lin", "v_lin"],
+                        dim=16, n_layers=2, n_heads=2, hidden_dim=32, max_position_embeddings=16, dropout=0.0,
+                        attention_dropout=0.0, seq_classif_dropout=0.0, num_labels=3,
+                        initializer_range=0.2)  # its default 0.02 leaves the adapters almost no effect on the logits
+SPECS = {s.name: s for s in (TOY, BERT, LLAMA, LLAMA_ALL, UNET, GPT2, T5, BART, ViTSpec(), DISTILBERT, MlpSpec())}
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
@@ -204,6 +293,15 @@ def role(name: str) -> str:
     target = parts[-2:] if parts[-1].isdigit() else parts[-1:]
     parents = [p for p in parts[: len(parts) - len(target)] if not p.isdigit()]
     return ".".join(parents[-1:] + target)
+
+
+def block_template(name: str) -> str:
+    """A target's chain group, written out independently of the library: its name with every index replaced by
+    ``*``, but for a trailing index that is not the only one (``to_out.0`` is a layer of its block)."""
+    parts = name.split(".")
+    indices = [i for i, p in enumerate(parts) if p.isdigit()]
+    keep = indices[-1] if len(indices) > 1 and indices[-1] == len(parts) - 1 else None
+    return ".".join("*" if p.isdigit() and i != keep else p for i, p in enumerate(parts))
 
 
 def expected_chains(named_weights: list[tuple[str, tuple]], group) -> list[list[str]]:

@@ -380,7 +380,7 @@ def test_exported_peft_adapter_reproduces_the_merged_model(tmp_path, name, varia
     if variant == "bs" and mode != "plain":
         want_ranks = {n: (len(l.prev) + 1) * r for n, l in model.named_reslora_layers().items() if l.prev}
         assert want_ranks and config["rank_pattern"] == want_ranks
-        assert max(want_ranks.values()) == 3 * r
+        assert max(want_ranks.values()) == min(3, max(len(c.layers) for c in model.chains)) * r  # pre_num=2
     else:
         assert not config.get("rank_pattern")
     if extra:
