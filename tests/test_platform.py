@@ -164,12 +164,53 @@ def test_skip_done_returns_without_training(tmp_path):
 
 
 @needs_data
-def test_accelerate_two_processes_on_cpu(tmp_path):
+@pytest.mark.slow
+def test_a_two_process_run_is_a_run_of_its_own(tmp_path):
+    """Two processes (gloo on CPU) double the effective batch: the run neither skips, resumes from nor replaces
+    the one-process record of its cell, and opens one W&B run."""
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    train(tmp_path, "task=mrpc", "method=reslora_bs", launcher=launcher)
-    r = record(tmp_path)
-    assert (r["status"], r["num_processes"], r["data_sizes"]["test"]) == ("ok", 2, 32)
+    args = ("task=mrpc", "method=reslora_bs")
+    train(tmp_path, *args)
+    one = tmp_path / "results/records/smoke/default/mrpc/reslora_bs/seed0.json"
+    before = one.read_bytes()
+    two = train(tmp_path, *args, "skip_done=true", "logger.mode=offline", launcher=launcher)
+    assert "skip:" not in two.stdout and "resumed from" not in two.stdout
+    assert one.read_bytes() == before
+    [path] = (tmp_path / "results/records/smoke/default/mrpc").glob("reslora_bs__num_processes=2-*/seed0.json")
+    r = json.loads(path.read_text())
+    assert (r["status"], r["num_processes"], r["config"]["num_processes"], r["data_sizes"]["test"]) == ("ok", 2, 2, 32)
+    assert r["effective_batch"] == 2 * json.loads(before)["effective_batch"] == 16
+    assert len(list((tmp_path / "runs").glob("smoke/default/mrpc/*/seed0/config-*/wandb/offline-run-*"))) == 1
+
+
+def test_the_train_script_loads_neither_torch_nor_transformers_before_a_run():
+    """--help and tab completion compose configs only; importing the script must not pull in the training stack."""
+    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('train', sys.argv[1]); "
+            "spec.loader.exec_module(importlib.util.module_from_spec(spec)); "
+            "print(sorted(m for m in ('torch', 'transformers', 'reslora', 'peft', 'datasets') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code, str(ROOT / "experiments" / "train.py")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_tab_completion_works_with_a_python_given_by_its_path():
+    """The README's form, `.venv/bin/python experiments/train.py ...`: Hydra's own script completes `python` only."""
+    line = f"{sys.executable} experiments/train.py task=mrpc method=reslora_b"
+    script = (f'source experiments/completion.bash; COMP_LINE="{line}"; COMP_POINT={len(line)}; COMP_CWORD=3; '
+              '_reslora_hydra_completion; printf "%s\\n" "${COMPREPLY[@]}"')
+    result = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
+    assert {"method=reslora_bs", "method=reslora_bs_pre5"} <= set(result.stdout.split())
+    assert all(choice.startswith("method=reslora_b") for choice in result.stdout.split())
+
+
+def test_the_experiments_extra_pins_what_requirements_txt_pins():
+    import tomllib
+
+    def pins(lines):
+        return sorted(line.split("#")[0].strip() for line in lines if line.split("#")[0].strip())
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["experiments"]
+    assert pins(extra) == pins((ROOT / "requirements.txt").read_text().splitlines())
 
 
 @pytest.mark.parametrize("override, expected", [
