@@ -10,7 +10,8 @@ How a record is made and published:
 - Only a run that finished ``ok`` publishes ``results/records/<scale>/<tag>/<task>/<cell>/seed<N>.json``,
   atomically. A failed, killed or refused run leaves its record in the run dir and a copy under
   ``results/failures/``; it never touches a published record.
-- Every record carries its provenance: git commit, dirty flag, and a fingerprint of the code and configs.
+- Every record carries its provenance: git commit, dirty flag, and a fingerprint of the code and configs (a run
+  outside a git checkout, which could not say which code made it, is refused unless ``allow_no_git=true``).
   Table builders refuse records from a dirty tree unless told otherwise; ``make check-records`` checks all.
 """
 
@@ -313,7 +314,7 @@ def provenance(root: str | Path | None = None) -> dict:
 
     commit = git("rev-parse", "HEAD")
     # A package installed into a venv inside a checkout is under a work tree too, but not its code.
-    if commit is None or Path(git("rev-parse", "--show-toplevel").strip()).resolve() != root:
+    if commit is None or Path((git("rev-parse", "--show-toplevel") or "").strip()).resolve() != root:
         return {"commit": None, "dirty": None, "fingerprint": None}
     dirty = bool((git("status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS) or "").strip())
     files = sorted((git("ls-files", "-z", "--", *CODE_PATHS) or "").split("\0"))
