@@ -19,7 +19,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from reslora.lab.records import KNOWN_STALE, RecordError, differing_keys, identity, is_dirty, known_stale, read_record
+from reslora.lab.records import (KNOWN_STALE, RecordError, differing_keys, identity, is_dirty, known_stale, read_record,
+                                 run_shape)
 
 ROOT = Path(__file__).resolve().parents[1]
 @functools.lru_cache(maxsize=None)
@@ -39,15 +40,15 @@ def scale_option(record: dict) -> str:
 
 def composed_identity(record: dict) -> dict:
     """The identity config that the record's experiment composes at HEAD (composed once per cell; the seed
-    only sets the ``seed`` key). The experiment is the recorded one (several share a tag: fig3 and fig3_base),
-    else (older records) the one named as the tag."""
+    only sets the ``seed`` key, and the record's shape its processes and threads). The experiment is the recorded
+    one (several share a tag: fig3 and fig3_base), else (older records) the one named as the tag."""
     tag = record["tag"]
     chosen = (record.get("choices") or {}).get("experiment") or tag
     experiment = (f"experiment={chosen}" if (ROOT / "conf" / "experiment" / f"{chosen}.yaml").is_file()
                   else f"tag={tag}")
     cell = _composed((experiment, f"scale={scale_option(record)}", f"task={record['task']}",
                       f"method={record['method']}", *record.get("variant_overrides", [])))
-    return {**cell, "seed": record["seed"]}
+    return {**cell, "seed": record["seed"], **run_shape(record["config"])}
 
 
 def check(results: Path, verbose: bool = False) -> int:

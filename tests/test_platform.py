@@ -93,22 +93,56 @@ def test_smoke_multirun_over_two_methods_writes_two_records(tmp_path):
                                                                              "merge_ls"}
 
 
+def killed_and_resumed(tmp_path: Path, method: str, args, kill_at: int, signal_name: str) -> tuple[dict, dict]:
+    """(the uninterrupted run's record, the record of the same run killed after step ``kill_at``'s checkpoint by
+    SIG``signal_name`` and resumed), after checking that they computed the same numbers."""
+    args = (f"method={method}", *args)
+    train(tmp_path / "straight", *args)
+    killed = train(tmp_path / "killed", *args, f"debug.kill_at_step={kill_at}", f"debug.kill_signal={signal_name}",
+                   check=False)
+    assert killed.returncode != 0
+    train(tmp_path / "killed", *args)
+    straight, resumed = record(tmp_path / "straight", method=method), record(tmp_path / "killed", method=method)
+    assert resumed["resumed_at_step"] == kill_at and "resumed_at_step" not in straight
+    for key in ("train_loss", "grad_norms", "eval", "final", "predictions"):
+        assert resumed[key] == straight[key], f"the resumed run's {key} differs from the uninterrupted run's"
+    return straight, resumed
+
+
 @needs_data
 @pytest.mark.parametrize("signal_name", ["KILL", pytest.param("TERM", marks=pytest.mark.slow)])  # TERM: make test-slow
 def test_a_killed_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path, signal_name):
-    args = ("task=mrpc", "method=reslora_ms", "train.max_steps=6", "train.eval_every=2", "model.modules_to_save=[]")
-    train(tmp_path / "straight", *args)
-    killed = train(tmp_path / "killed", *args, "debug.kill_at_step=2", f"debug.kill_signal={signal_name}", check=False)
-    assert killed.returncode != 0
-    train(tmp_path / "killed", *args)
-    straight, resumed = record(tmp_path / "straight", method="reslora_ms"), record(tmp_path / "killed", method="reslora_ms")
-    assert resumed["train_loss"] == straight["train_loss"]
-    assert resumed["final"] == straight["final"] and resumed["eval"] == straight["eval"]
+    args = ("task=mrpc", "train.max_steps=6", "train.eval_every=2", "model.modules_to_save=[]")
+    straight, resumed = killed_and_resumed(tmp_path, "reslora_ms", args, 2, signal_name)
     # Its record keeps the killed process's time up to the checkpoint at step 2, by part.
-    assert resumed["resumed_at_step"] == 2 and "resumed_at_step" not in straight
     earlier = resumed["time_before_resume_s"]
     assert {"model_load", "data", "train_steps", "validation"} <= set(earlier)
     assert all(seconds > 0 for seconds in earlier.values())
+
+
+@needs_data
+def test_a_run_killed_at_an_epoch_boundary_resumes_exactly(tmp_path):
+    """Step 4 ends the first epoch (32 training examples, batches of 8). The next epoch's data iterator, created
+    after the checkpoint, draws its seed from torch's RNG: the resumed run must draw it from the restored state."""
+    args = ("task=mrpc", "train.max_steps=8", "train.eval_every=4")
+    straight, _ = killed_and_resumed(tmp_path, "reslora_bs", args, 4, "KILL")
+    assert straight["data_sizes"]["train"] == 4 * straight["effective_batch"]
+
+
+@needs_data
+@pytest.mark.slow
+@pytest.mark.parametrize("grad_accum, signal_name", [(2, "KILL"), (2, "TERM"), (3, "KILL"), (3, "TERM")])
+def test_a_run_with_gradient_accumulation_resumes_exactly(tmp_path, grad_accum, signal_name):
+    args = ("task=mrpc", f"train.grad_accum={grad_accum}", "train.max_steps=4", "train.eval_every=1")
+    killed_and_resumed(tmp_path, "reslora_bs", args, 2, signal_name)
+
+
+@needs_data
+@pytest.mark.slow
+def test_an_adalora_run_resumes_exactly_with_its_rank_allocator(tmp_path):
+    """AdaLoRA's importance averages live in PEFT's rank allocator, outside the parameters: the checkpoint keeps
+    them, or the ranks it masks after the resume differ."""
+    killed_and_resumed(tmp_path, "adalora", ("task=mrpc", "train.max_steps=6", "train.eval_every=2"), 2, "KILL")
 
 
 @needs_data
@@ -130,12 +164,53 @@ def test_skip_done_returns_without_training(tmp_path):
 
 
 @needs_data
-def test_accelerate_two_processes_on_cpu(tmp_path):
+@pytest.mark.slow
+def test_a_two_process_run_is_a_run_of_its_own(tmp_path):
+    """Two processes (gloo on CPU) double the effective batch: the run neither skips, resumes from nor replaces
+    the one-process record of its cell, and opens one W&B run."""
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    train(tmp_path, "task=mrpc", "method=reslora_bs", launcher=launcher)
-    r = record(tmp_path)
-    assert (r["status"], r["num_processes"], r["data_sizes"]["test"]) == ("ok", 2, 32)
+    args = ("task=mrpc", "method=reslora_bs")
+    train(tmp_path, *args)
+    one = tmp_path / "results/records/smoke/default/mrpc/reslora_bs/seed0.json"
+    before = one.read_bytes()
+    two = train(tmp_path, *args, "skip_done=true", "logger.mode=offline", launcher=launcher)
+    assert "skip:" not in two.stdout and "resumed from" not in two.stdout
+    assert one.read_bytes() == before
+    [path] = (tmp_path / "results/records/smoke/default/mrpc").glob("reslora_bs__num_processes=2-*/seed0.json")
+    r = json.loads(path.read_text())
+    assert (r["status"], r["num_processes"], r["config"]["num_processes"], r["data_sizes"]["test"]) == ("ok", 2, 2, 32)
+    assert r["effective_batch"] == 2 * json.loads(before)["effective_batch"] == 16
+    assert len(list((tmp_path / "runs").glob("smoke/default/mrpc/*/seed0/config-*/wandb/offline-run-*"))) == 1
+
+
+def test_the_train_script_loads_neither_torch_nor_transformers_before_a_run():
+    """--help and tab completion compose configs only; importing the script must not pull in the training stack."""
+    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('train', sys.argv[1]); "
+            "spec.loader.exec_module(importlib.util.module_from_spec(spec)); "
+            "print(sorted(m for m in ('torch', 'transformers', 'reslora', 'peft', 'datasets') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code, str(ROOT / "experiments" / "train.py")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_tab_completion_works_with_a_python_given_by_its_path():
+    """The README's form, `.venv/bin/python experiments/train.py ...`: Hydra's own script completes `python` only."""
+    line = f"{sys.executable} experiments/train.py task=mrpc method=reslora_b"
+    script = (f'source experiments/completion.bash; COMP_LINE="{line}"; COMP_POINT={len(line)}; COMP_CWORD=3; '
+              '_reslora_hydra_completion; printf "%s\\n" "${COMPREPLY[@]}"')
+    result = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
+    assert {"method=reslora_bs", "method=reslora_bs_pre5"} <= set(result.stdout.split())
+    assert all(choice.startswith("method=reslora_b") for choice in result.stdout.split())
+
+
+def test_the_experiments_extra_pins_what_requirements_txt_pins():
+    import tomllib
+
+    def pins(lines):
+        return sorted(line.split("#")[0].strip() for line in lines if line.split("#")[0].strip())
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["experiments"]
+    assert pins(extra) == pins((ROOT / "requirements.txt").read_text().splitlines())
 
 
 @pytest.mark.parametrize("override, expected", [

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,8 @@ from hydra import compose, initialize_config_dir
 
 from _models import BERT, TOY, randomize
 from reslora import ResLoraConfig, ResLoraModel, get_reslora_model
-from reslora.lab.records import RecordError, cell_name, load_records, provenance, variant_overrides
+from reslora.lab.records import (RecordError, cell_name, config_hash, identity, load_records, provenance,
+                                 require_provenance, shape_overrides, variant_overrides)
 from reslora.lab.tasks.glue import read_mirror_split
 from reslora.lab.train import validate_config
 from test_platform import CONF, MIRROR, ROOT, needs_data, train
@@ -84,6 +86,60 @@ def test_variant_overrides_and_cell_names():
     long = [f"model.path=/{'d' * 300}", "task.dataset=/x"]
     assert len(cell_name("lora", long, config)) < 255 and cell_name("lora", long, config) != cell_name(
         "lora", long, {**config, "train": {"lr": 2e-3}})
+
+
+def test_a_runs_shape_names_its_cell_and_run_dir_only_away_from_one_process_and_one_thread():
+    """Committed records (all one process, one thread) keep their cells; two processes or two threads make a cell
+    and a run dir of their own, and a command-line threads=... is not a variant of its own."""
+    paths = sorted((ROOT / "results" / "records").glob("cpu/*/*/*/seed*.json"))[::40]
+    assert any("__" in p.parent.name for p in paths) and any("__" not in p.parent.name for p in paths)
+    for path in paths:
+        made = json.loads(path.read_text())
+        config = {**made["config"], "num_processes": 1}  # as a run sets it now
+        assert config["threads"] == 1 and identity(config) == identity(made["config"])
+        assert cell_name(made["method"], made["variant_overrides"] + shape_overrides(config), config) == path.parent.name
+        for shape in ({"num_processes": 2}, {"threads": 2}):
+            other = {**config, **shape}
+            key, value = next(iter(shape.items()))
+            cell = cell_name(made["method"], made["variant_overrides"] + shape_overrides(other), other)
+            assert cell != path.parent.name and f"{key}={value}" in cell
+            assert config_hash(identity(other)) != config_hash(identity(config))
+    assert variant_overrides(["threads=2", "threads=1", "train.lr=1e-3"]) == ["train.lr=1e-3"]
+
+
+def test_a_run_outside_a_git_checkout_is_refused_unless_allowed(tmp_path):
+    with pytest.raises(RuntimeError, match="is not a git checkout.*allow_no_git=true"):
+        require_provenance({"commit": None, "dirty": None, "fingerprint": None}, allowed=False)
+    require_provenance({"commit": None, "dirty": None, "fingerprint": None}, allowed=True)
+    # The package installed into a venv inside a checkout runs under a work tree, but is not its code.
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "c"],
+                   cwd=tmp_path, check=True)
+    (tmp_path / "venv" / "site-packages").mkdir(parents=True)
+    assert provenance(tmp_path)["commit"] and provenance(tmp_path / "venv" / "site-packages")["commit"] is None
+
+
+def test_a_run_started_from_a_copy_without_git_says_so(tmp_path):
+    for part in ("reslora", "experiments", "conf"):
+        shutil.copytree(ROOT / part, tmp_path / part, ignore=shutil.ignore_patterns("__pycache__"))
+    result = subprocess.run([sys.executable, str(tmp_path / "experiments" / "train.py"), "logger.mode=disabled",
+                             f"runs_dir={tmp_path / 'runs'}", f"results_dir={tmp_path / 'results'}"], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path), "HYDRA_FULL_ERROR": "0"},
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0 and f"{tmp_path} is not a git checkout" in result.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_only_the_main_process_opens_a_wandb_run(tmp_path):
+    from omegaconf import OmegaConf
+
+    from reslora.lab.wandb_logger import RunLogger
+
+    cfg = OmegaConf.create({"mode": "offline", "project": "reslora-test", "entity": None})
+    logger = RunLogger(cfg, name="n", group="g", config={}, run_dir=tmp_path / "run", main_process=False)
+    assert logger.run is None and not (tmp_path / "run").exists()
+    logger.log({"train/loss": 1.0}, 1)
+    logger.finish()
 
 
 @needs_data

@@ -3,12 +3,15 @@
 How a record is made and published:
 - A run's *identity* is its composed config without the keys that steer a run but do not change what it
   computes (``RUN_CONTROL_KEYS``). Its hash names the run dir, so two configurations never share a checkpoint.
+  Its *shape* (processes and torch threads, ``SHAPE_KEYS``) changes the numbers too: away from one process and one
+  thread it is part of the identity and of the cell.
 - A *cell* is ``task/method/seed``; a run with overrides beyond the grid keys (``train.lr=1e-3``) is a cell of
   its own, named ``method__<overrides>-<hash>``, so a sweep over any key keeps one record per configuration.
 - Only a run that finished ``ok`` publishes ``results/records/<scale>/<tag>/<task>/<cell>/seed<N>.json``,
   atomically. A failed, killed or refused run leaves its record in the run dir and a copy under
   ``results/failures/``; it never touches a published record.
-- Every record carries its provenance: git commit, dirty flag, and a fingerprint of the code and configs.
+- Every record carries its provenance: git commit, dirty flag, and a fingerprint of the code and configs (a run
+  outside a git checkout, which could not say which code made it, is refused unless ``allow_no_git=true``).
   Table builders refuse records from a dirty tree unless told otherwise; ``make check-records`` checks all.
 """
 
@@ -27,10 +30,15 @@ from ..io import write_json
 
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "hydra-core", "wandb", "numpy", "diffusers")
 # Keys that steer a run without changing what it computes: not part of its identity (dotted for nested keys).
-RUN_CONTROL_KEYS = ("debug", "logger", "skip_done", "continue_on_failure", "runs_dir", "results_dir", "threads",
+RUN_CONTROL_KEYS = ("debug", "logger", "skip_done", "continue_on_failure", "allow_no_git", "runs_dir", "results_dir",
                     "data.mirror", "data.cache_dir", "train.save_adapter", "report")
+# The run's shape: processes (``num_processes``, set by the launcher: it multiplies the effective batch) and torch
+# threads (they change the order of floating-point sums). Part of the identity and the cell when not 1; at 1 left
+# out, so that a one-process, one-thread run keeps the identity it had before the shape was recorded.
+SHAPE_KEYS = ("num_processes", "threads")
 # Overrides that name the cell itself (its row, column and seed) or only steer the run: not a variant of a cell.
 GRID_KEYS = ("task", "method", "seed", "scale", "experiment", "tag")
+CODE_ROOT = Path(__file__).resolve().parents[2]  # a checkout's root, when the package runs from one
 # Tracked paths that make up the code of a run: the dirty flag and the fingerprint cover them (not results/,
 # which a sweep writes to as it goes).
 CODE_PATHS = ("reslora", "experiments", "conf", "Makefile", "pyproject.toml", "requirements.txt",
@@ -62,7 +70,8 @@ class RunRecord(TypedDict, total=False):
     cpu: str
     cpus: int
     is_main_process: bool
-    num_processes: int
+    num_processes: int          # processes of the launch (also config.num_processes: part of the run's shape)
+    effective_batch: int        # examples per optimiser step: batch_size x grad_accum x num_processes
     assets: dict                # what a task built its base and judge from (text-to-image)
     data_sizes: dict            # examples per split
     data_files: dict            # mirror files read: verified, sha256, example count from the manifest
@@ -98,8 +107,8 @@ class RecordError(ValueError):
 
 # ---- identity: what a run computes -------------------------------------------------------------------------
 def identity(config: dict) -> dict:
-    """``config`` without the run-control keys."""
-    out = {k: v for k, v in config.items() if k not in RUN_CONTROL_KEYS}
+    """``config`` without the run-control keys, and without the shape keys at 1."""
+    out = {k: v for k, v in config.items() if k not in RUN_CONTROL_KEYS and not (k in SHAPE_KEYS and v == 1)}
     for key in RUN_CONTROL_KEYS:
         head, _, tail = key.partition(".")
         if tail and isinstance(out.get(head), dict):
@@ -131,9 +140,19 @@ def override_key(override: str) -> str:
 def variant_overrides(overrides) -> list[str]:
     """The command-line overrides that make a run a variant of its cell: neither grid nor run-control keys."""
     def steers(key: str) -> bool:  # method=... names the row; method.pre_num=0 makes a variant of it
-        return (key in GRID_KEYS or key.startswith(("hydra.", "hydra/"))
+        return (key in GRID_KEYS or key in SHAPE_KEYS or key.startswith(("hydra.", "hydra/"))
                 or any(key == k or key.startswith(k + ".") for k in RUN_CONTROL_KEYS))
     return sorted(o for o in overrides if not steers(override_key(o)))
+
+
+def run_shape(config: dict) -> dict:
+    """The shape keys away from 1: those the identity keeps."""
+    return {key: config[key] for key in SHAPE_KEYS if config.get(key, 1) != 1}
+
+
+def shape_overrides(config: dict) -> list[str]:
+    """``key=value`` per shape key away from 1: with the variant overrides, they name a run's cell."""
+    return [f"{key}={value}" for key, value in run_shape(config).items()]
 
 
 SLUG_CHARS = 120
@@ -270,11 +289,21 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def require_provenance(git: dict, allowed: bool) -> None:
+    """Refuse a run whose record could not say which code made it, unless ``allowed`` (``allow_no_git=true``)."""
+    if not git.get("commit") and not allowed:
+        raise RuntimeError(
+            f"{CODE_ROOT} is not a git checkout (or git is not installed), so a run's record could not say which "
+            "code made it. Run from a clone of the repository (git clone, then make setup), or pass allow_no_git=true "
+            "to run anyway: the record then has git.commit null and the table builders treat it as made from "
+            "uncommitted code")
+
+
 def provenance(root: str | Path | None = None) -> dict:
     """Git commit, dirty flag (uncommitted changes to the tracked code, ``CODE_PATHS``), and ``fingerprint``: a
     hash of the content of those tracked files as they are on disk, so a record says which code ran even when
     the tree was dirty (then ``diff``: a hash of ``git diff HEAD`` over them)."""
-    root = Path(root or Path(__file__).resolve().parents[2])
+    root = Path(root or CODE_ROOT).resolve()
 
     def git(*args) -> str | None:
         try:
@@ -284,7 +313,8 @@ def provenance(root: str | Path | None = None) -> dict:
         return result.stdout if result.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    if commit is None:
+    # A package installed into a venv inside a checkout is under a work tree too, but not its code.
+    if commit is None or Path((git("rev-parse", "--show-toplevel") or "").strip()).resolve() != root:
         return {"commit": None, "dirty": None, "fingerprint": None}
     dirty = bool((git("status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS) or "").strip())
     files = sorted((git("ls-files", "-z", "--", *CODE_PATHS) or "").split("\0"))

@@ -33,7 +33,8 @@ from ..merge import delta_norms
 from ..model import ResLoraModel, role_name, trainable_state
 from .methods import apply_method, eval_modes, evaluated_as
 from .records import (RecordError, RunRecord, cell_name, config_hash, differing_keys, environment, failure_path,
-                      identity, is_dirty, publish, read_record, record_path, variant_overrides, write_record)
+                      identity, is_dirty, publish, read_record, record_path, require_provenance, shape_overrides,
+                      variant_overrides, write_record)
 from .tasks import build_task
 from .tasks.mirror import FILES_READ
 from .wandb_logger import RunLogger, run_id
@@ -105,6 +106,28 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def method_state(model) -> dict:
+    """What an adapter keeps outside its tensors and the optimiser, for the checkpoint: AdaLoRA's rank allocator
+    (the importance averages that decide which ranks the next steps keep) and the rank pattern it last chose."""
+    tuner = model.base_model
+    if not hasattr(tuner, "rankallocator"):
+        return {}
+    allocator = tuner.rankallocator
+    return {"adalora": {"ipt": allocator.ipt, "exp_avg_ipt": allocator.exp_avg_ipt,
+                        "exp_avg_unc": allocator.exp_avg_unc,
+                        "rank_pattern": tuner.peft_config[tuner.trainable_adapter_name].rank_pattern}}
+
+
+def load_method_state(model, state: dict) -> None:
+    """Restore what ``method_state`` saved."""
+    if "adalora" in state:
+        tuner, saved = model.base_model, state["adalora"]
+        allocator = tuner.rankallocator
+        allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc = (
+            dict(saved["ipt"]), dict(saved["exp_avg_ipt"]), dict(saved["exp_avg_unc"]))
+        tuner.peft_config[tuner.trainable_adapter_name].rank_pattern = saved["rank_pattern"]
+
+
 def batch_stream(loader, accelerator, epoch: int, start: int):
     """Endless (epoch, position after this batch, batch), starting ``start`` batches into ``epoch``."""
     while True:
@@ -120,13 +143,15 @@ def run(cfg, overrides=(), choices: dict | None = None) -> dict:
     ``choices``: the config group options Hydra picked (recorded, so that ``make check-records`` can compose
     the same config again). The run dir is keyed by the identity hash; only an ok run publishes its record."""
     config = OmegaConf.to_container(cfg, resolve=True)
+    config["num_processes"] = launched_processes()  # the launcher's, not Hydra's: part of the run's shape
     variants = variant_overrides(overrides)
-    cell = cell_name(cfg.method.name, variants, config)
+    cell = cell_name(cfg.method.name, variants + shape_overrides(config), config)
     where = (cfg.results_dir, cfg.scale.name, cfg.tag, cfg.task.name, cell, cfg.seed)
     published, failure = record_path(*where), failure_path(*where)
     run_dir = Path(cfg.runs_dir, cfg.scale.name, cfg.tag, cfg.task.name, cell, f"seed{cfg.seed}",
                    f"config-{config_hash(identity(config))}")
     provenance = environment()
+    require_provenance(provenance["git"], cfg.allow_no_git)
     if cfg.skip_done and already_done(published, config, provenance):
         print(f"skip: {published} exists with this config")
         return {"status": "skipped", "record": str(published)}
@@ -146,7 +171,7 @@ def run(cfg, overrides=(), choices: dict | None = None) -> dict:
     logger = RunLogger(cfg.logger, name=f"{cfg.task.name}-{cell}-seed{cfg.seed}",
                        group=f"{cfg.scale.name}/{cfg.tag}", config=config, run_dir=run_dir,
                        tags=[cfg.task.name, cfg.method.name, cfg.method.get("variant", cfg.method.kind),
-                             cfg.scale.name, cfg.tag])
+                             cfg.scale.name, cfg.tag], main_process=int(os.environ.get("RANK", 0)) == 0)
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     start, times = time.time(), {}
     try:
@@ -174,6 +199,11 @@ def run(cfg, overrides=(), choices: dict | None = None) -> dict:
         if lock.is_locked:
             lock.release()
     return record
+
+
+def launched_processes() -> int:
+    """How many processes the launch runs (``accelerate launch`` and torchrun set WORLD_SIZE; a plain run: 1)."""
+    return int(os.environ.get("WORLD_SIZE", 1))
 
 
 def already_done(published: Path, config: dict, provenance: dict) -> bool:
@@ -275,6 +305,9 @@ def train_and_evaluate(cfg, config: dict, run_dir: Path, times: dict, logger: Ru
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=t.grad_accum,
                               mixed_precision=t.mixed_precision,
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    if accelerator.num_processes != config["num_processes"]:  # the run's identity and cell were named by it
+        raise RuntimeError(f"the launch set WORLD_SIZE={config['num_processes']} but accelerate runs "
+                           f"{accelerator.num_processes} processes")
 
     # Data and model. The adapter's initialisation depends on the seed only, not on data loading.
     task = build_task(cfg)
@@ -286,6 +319,7 @@ def train_and_evaluate(cfg, config: dict, run_dir: Path, times: dict, logger: Ru
         splits = task.datasets()
     setup: RunRecord = {
         "is_main_process": accelerator.is_main_process, "num_processes": accelerator.num_processes,
+        "effective_batch": t.batch_size * t.grad_accum * accelerator.num_processes,  # examples per optimiser step
         **({"assets": task.assets()} if hasattr(task, "assets") else {}),  # what text2image built its judge from
         "data_sizes": {name: len(ds) for name, ds in splits.items()},
         "data_files": dict(FILES_READ),  # mirror files read, with their manifest's sha256 and example count
@@ -354,6 +388,7 @@ def train_and_evaluate(cfg, config: dict, run_dir: Path, times: dict, logger: Ru
         unwrapped.load_state_dict(saved["model"], strict=False)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
+        load_method_state(unwrapped, saved.get("method_state", {}))
         progress, pending_rng = saved["progress"], saved["rng"]
         print(f"resumed from {checkpoint} at step {progress['step']}")
     resumed_at_step, earlier_s = progress["step"], dict(progress.get("spent_s", {}))  # the killed processes' time
@@ -373,19 +408,28 @@ def train_and_evaluate(cfg, config: dict, run_dir: Path, times: dict, logger: Ru
             with atomic_path(checkpoint) as tmp:
                 torch.save({"config": config, "model": trainable_state(unwrapped),
                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                            "progress": progress, "rng": rng_state()}, tmp)
+                            "method_state": method_state(unwrapped), "progress": progress, "rng": rng_state()}, tmp)
         accelerator.wait_for_everyone()
 
     # The loop: one optimiser step = grad_accum micro-batches; validate every eval_every steps.
     model.train()
     loop_start = time.time()
-    stream = batch_stream(train_loader, accelerator, progress["epoch"], progress["position"])
+    # Creating a data iterator draws its seed from torch's RNG. Mid-epoch, the checkpointed run made that draw before
+    # its checkpoint: the RNG is restored after the resumed run's first batch. At an epoch's end it makes the draw
+    # after: the resumed run starts the next epoch from the restored RNG.
+    epoch, position = progress["epoch"], progress["position"]
+    if position == len(train_loader):
+        epoch, position = epoch + 1, 0
+    if pending_rng is not None and position == 0:
+        set_rng_state(pending_rng)
+        pending_rng = None
+    stream = batch_stream(train_loader, accelerator, epoch, position)
     bar = tqdm(total=total_steps, initial=progress["step"], disable=not accelerator.is_local_main_process,
                desc=f"{cfg.task.name}/{cfg.method.name}/seed{cfg.seed}", dynamic_ncols=True)
     step_loss, step_examples, tick = torch.zeros(()), 0, time.time()
     while progress["step"] < total_steps:
         progress["epoch"], progress["position"], batch = next(stream)
-        if pending_rng is not None:  # after the data iterator exists, so its creation draws nothing we replay
+        if pending_rng is not None:  # mid-epoch: after the data iterator exists (above)
             set_rng_state(pending_rng)
             pending_rng = None
         with accelerator.accumulate(model):

@@ -11,11 +11,12 @@ MODES = ("offline", "online", "disabled")
 
 
 class RunLogger:
-    def __init__(self, cfg, name: str, group: str, config: dict, run_dir: Path, tags: list[str] = ()):
+    def __init__(self, cfg, name: str, group: str, config: dict, run_dir: Path, tags: list[str] = (),
+                 main_process: bool = True):
         if cfg.mode not in MODES:
             raise ValueError(f"logger.mode={cfg.mode!r}; choose one of {list(MODES)}")
         self.run = None
-        if cfg.mode != "disabled":
+        if cfg.mode != "disabled" and main_process:  # one W&B run per run, whatever the number of processes
             import wandb
 
             run_dir.mkdir(parents=True, exist_ok=True)
