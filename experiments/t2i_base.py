@@ -22,7 +22,6 @@ minutes; otherwise the task builds them on first use), also on one thread.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import time
 from pathlib import Path
