@@ -34,8 +34,6 @@ def test_the_quote_patterns_find_intervals_and_seed_counts():
     assert quotes(text) == ["[+0.33, +11.00]", "[-2.64, -0.50]", "[12%, 30%]", "3 of 3 seeds"]
 
 
-@pytest.mark.xfail(strict=True, reason="README.md still quotes the intervals of the tables before issue #30's "
-                                       "rebuild; remove this mark once the README quotes the rebuilt tables")
 def test_every_interval_and_seed_count_the_readme_quotes_is_in_a_committed_table():
     tables = committed_tables()
     missing = [q for q in dict.fromkeys(quotes((ROOT / "README.md").read_text())) if q not in tables]
