@@ -54,9 +54,9 @@ def check_not_merged(model, action: str) -> None:
     """Refuse ``action`` inside ``with model.merged(...)``: the target weights then hold W*, so a second merge
     would add the update on top of it."""
     if any(layer.merged_in_place for layer in model.named_reslora_layers().values()):
-        raise RuntimeError(f"cannot {action} inside `with model.merged(...)`: the model is merged in place already "
-                           "(its target weights hold W*), so merging again would add the update twice. Leave the "
-                           "block first; it restores the unmerged weights on exit")
+        raise RuntimeError(f"cannot {action} inside `with model.merged(...)`: the target weights hold the merged W* "
+                           "until the block ends (merging again would add the update twice). Leave the block first; "
+                           "it restores the unmerged weights on exit")
 
 
 def _norms(layer: ResLoraLinear, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
