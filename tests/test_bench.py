@@ -1,4 +1,4 @@
-"""`make bench` works: its quick mode runs every contestant on both workloads and writes a complete report.
+"""`make bench` works: its quick mode runs every contestant on every workload and writes a complete report.
 Speed is not asserted here (the numbers of a quick run on a busy test machine mean nothing)."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def test_quick_bench_reports_every_contestant(tmp_path):
     report = json.loads((tmp_path / "bench.json").read_text())
     assert report["meta"]["threads"] == 1 and report["meta"]["quick"] is True
     assert len(report["meta"]["loadavg_start"]) == 3
-    assert set(report["workloads"]) == {"minilm", "smollm2"}
+    assert set(report["workloads"]) == {"minilm", "smollm2", "smollm2_bf16"}
     keys = [c.key for c in CONTESTANTS]
     for name, work in report["workloads"].items():
         assert list(work["train"]) == keys, name
@@ -46,7 +46,10 @@ def test_quick_bench_reports_every_contestant(tmp_path):
             assert inference["same_structure_as_base"] is True, (name, key)
         # same adapter size everywhere: the residual paths add no parameter
         assert len({work["train"][k]["trainable_params"] for k in keys}) == 1
-    assert len(report["targets"]) == 2 * len(TARGETS)
+        # float32 adapters on every base, bf16 included (PEFT's default too: the same setting)
+        assert work["base_dtype"] == ("bfloat16" if name == "smollm2_bf16" else "float32"), name
+        assert all(work["train"][k]["trainable_dtypes"] == ["float32"] for k in keys), name
+    assert len(report["targets"]) == 3 * len(TARGETS)
     assert all(isinstance(t["met"], bool) and positive(t["ratio"]) and t["verdict"] for t in report["targets"])
     text = (tmp_path / "bench.md").read_text()
     assert "thread" in text and "Load average" in text
