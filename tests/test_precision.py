@@ -137,3 +137,10 @@ def test_fp32_adapter_of_a_bf16_base_saves_and_loads(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(LLAMA.output(loaded, inputs), LLAMA.output(model, inputs), atol=0, rtol=0)
     assert all(layer.lora_A.dtype == torch.float32 for layer in loaded.named_reslora_layers().values())
+
+
+def test_autocast_adapter_dtype_must_be_a_bool():
+    from reslora import ResLoraConfig
+
+    with pytest.raises(ValueError, match="autocast_adapter_dtype='no' must be True or False"):
+        ResLoraConfig(autocast_adapter_dtype="no")
