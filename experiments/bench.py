@@ -2,9 +2,11 @@
 
     python experiments/bench.py                        # the full bench (make bench): results/bench.{json,md}
     python experiments/bench.py --quick --out /tmp/b   # a smoke run (under a minute): does it work?
+    python experiments/bench.py --quick --only smollm2_bf16 --out /tmp/b   # the bf16 workload's smoke run
 
-Everything runs in one process on two workloads: MiniLM-L6 sequence classification at the cpu-scale
-batch shape (16 x 64) and SmolLM2-135M (LLaMA architecture, all 30 layers) causal LM. The contestants share
+Everything runs in one process on three workloads: MiniLM-L6 sequence classification at the cpu-scale
+batch shape (16 x 64), SmolLM2-135M (LLaMA architecture, all 30 layers) causal LM, and the same SmolLM2 in
+bfloat16, the paper-scale setting (float32 adapters on a bf16 base: the default of both libraries). The contestants share
 the frozen base weights (each has its own adapter and its own trainable head) and are paired in time with
 the reference (our lora for training, the untouched base model for inference): a round runs
 R c1 R c2 R ... cN R, in a fresh random order, and a contestant's ratio in the round is its time over the
@@ -64,6 +66,8 @@ class Workload:
     lora_alpha: float
     lora_dropout: float
     modules_to_save: list[str]
+    dtype: torch.dtype = torch.float32  # of the base model; the adapters are float32 in every workload
+    in_quick: bool = True  # part of --quick runs unless named with --only
     base: torch.nn.Module = None
     notes: list[str] = field(default_factory=list)
 
@@ -100,6 +104,7 @@ class SmolLM2(Workload):
         from reslora.lab.hub_models import load_smollm2
 
         self.base, _ = load_smollm2(self.cache_dir, num_hidden_layers=self.layers)
+        self.base.to(self.dtype)
         self.vocab = self.base.config.vocab_size
         self.depth = self.base.config.num_hidden_layers
 
@@ -117,8 +122,12 @@ def workloads(quick: bool, smollm2_layers: int | None) -> list[Workload]:
     smol = SmolLM2("smollm2", "SmolLM2-135M-Instruct (LLaMA architecture, 576 wide) causal LM",
                    batch_size=1, seq_len=32 if quick else 128, targets=["q_proj", "v_proj"],
                    r=4, lora_alpha=8, lora_dropout=0.1, modules_to_save=[])
-    smol.layers = 2 if quick else smollm2_layers
-    return [minilm, smol]
+    smol_bf16 = SmolLM2("smollm2_bf16", "SmolLM2-135M-Instruct in bfloat16, float32 adapters, causal LM",
+                        batch_size=smol.batch_size, seq_len=smol.seq_len, targets=smol.targets, r=smol.r,
+                        lora_alpha=smol.lora_alpha, lora_dropout=smol.lora_dropout, modules_to_save=[],
+                        dtype=torch.bfloat16, in_quick=False)  # CPUs without bf16 instructions: 9 s a quick step
+    smol.layers = smol_bf16.layers = 2 if quick else smollm2_layers
+    return [minilm, smol, smol_bf16]
 
 
 # ---- contestants -------------------------------------------------------------------------------------------
@@ -259,6 +268,8 @@ def bench_workload(work: Workload, args, clock) -> dict:
     models = {k: build(work, c) for k, c in contestants.items()}
     optimizers = {k: make_optimizer(m) for k, m in models.items()}
     trainable = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, m in models.items()}
+    trainable_dtypes = {k: sorted({str(p.dtype).removeprefix("torch.") for p in m.parameters() if p.requires_grad})
+                        for k, m in models.items()}
 
     # Training step time: every contestant against our lora, paired in time.
     times, ratios = paired_rounds(
@@ -317,7 +328,7 @@ def bench_workload(work: Workload, args, clock) -> dict:
             "vs_peft_lora": quartiles([a / b for a, b in zip(ratios[k], peft)]),
             **memory[k], "peak_vs_lora": memory[k]["peak_bytes"] / memory[REFERENCE_OURS]["peak_bytes"],
             "step_peak_vs_lora": memory[k]["step_peak_bytes"] / memory[REFERENCE_OURS]["step_peak_bytes"],
-            "trainable_params": trainable[k],
+            "trainable_params": trainable[k], "trainable_dtypes": trainable_dtypes[k],
         }
     inference = {}
     for k in infer_times:
@@ -329,7 +340,8 @@ def bench_workload(work: Workload, args, clock) -> dict:
                        "merge_s": statistics.median(v), "merge_s_repeats": v} for k, v in merge_times.items()}
     return {
         "title": work.title, "batch_size": work.batch_size, "seq_len": work.seq_len, "tokens": tokens,
-        "layers": getattr(work, "depth", None), "targets": work.targets, "r": work.r, "lora_alpha": work.lora_alpha,
+        "layers": getattr(work, "depth", None), "base_dtype": str(work.dtype).removeprefix("torch."),
+        "targets": work.targets, "r": work.r, "lora_alpha": work.lora_alpha,
         "lora_dropout": work.lora_dropout, "modules_to_save": work.modules_to_save, "load_s": load_s,
         "rounds": args.rounds, "warmup": args.warmup, "infer_rounds": args.infer_rounds,
         "train": train, "merge": merge_stats, "inference": inference,
@@ -363,7 +375,8 @@ def main(argv=None) -> int:
     parser.add_argument("--merge-repeats", type=int, default=None, help="merges timed per contestant (default 3)")
     parser.add_argument("--smollm2-layers", type=int, default=None,
                         help="keep only the first N of SmolLM2's 30 layers (default: all)")
-    parser.add_argument("--only", choices=["minilm", "smollm2"], action="append", help="run only these workloads")
+    parser.add_argument("--only", choices=["minilm", "smollm2", "smollm2_bf16"], action="append",
+                        help="run only these workloads")
     parser.add_argument("--report-only", action="store_true", help="rebuild bench.md from bench.json, measure nothing")
     args = parser.parse_args(argv)
     if args.report_only:
@@ -392,7 +405,8 @@ def main(argv=None) -> int:
     start, load_start = time.perf_counter(), os.getloadavg()
     results = {}
     for work in workloads(args.quick, args.smollm2_layers):
-        if args.only and work.key not in args.only:
+        wanted = work.key in args.only if args.only else work.in_quick or not args.quick
+        if not wanted:
             continue
         results[work.key] = bench_workload(work, args, clock)
     meta = machine() | {"threads": args.threads, "clock": clock_name, "quick": args.quick, "loadavg_start": list(load_start),

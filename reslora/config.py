@@ -25,6 +25,9 @@ class ResLoraConfig:
         (PEFT's rule). A chain joins the same target of consecutive blocks of one stack (method.md, "Chain").
     pre_num: how many previous blocks ``bs`` and ``ms`` use; -1 means all of them. ``is`` uses one.
     window: how many recent per-step input norms each block keeps for the merge statistics.
+    autocast_adapter_dtype: keep the adapters (lora_A, lora_B) in float32 on a float16 / bfloat16 base, as PEFT
+        does by default (the branch then runs in float32 and its result is cast to the base output's dtype);
+        False keeps them in the base model's dtype. The merge statistics are float32 always.
     modules_to_save: modules (matched like ``target_modules``) kept fully trainable and saved with the
         adapter, e.g. a freshly initialised classification head.
     layer_order: module-name prefixes of the parts of one stream of blocks, in the order they run: their layers
@@ -46,6 +49,7 @@ class ResLoraConfig:
     target_modules: list[str] | str = field(default_factory=lambda: ["query", "value"])
     pre_num: int = 1
     window: int = 100
+    autocast_adapter_dtype: bool = True
     modules_to_save: list[str] = field(default_factory=list)
     layer_order: list[str] = field(default_factory=list)
     detach_shortcut: bool = False
@@ -66,6 +70,8 @@ class ResLoraConfig:
             raise ValueError(f"pre_num={self.pre_num!r} must be -1 (all previous blocks) or an integer >= 0")
         if not isinstance(self.window, int) or self.window <= 0:
             raise ValueError(f"window={self.window!r} must be a positive integer")
+        if not isinstance(self.autocast_adapter_dtype, bool):
+            raise ValueError(f"autocast_adapter_dtype={self.autocast_adapter_dtype!r} must be True or False")
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = list(self.target_modules)
             if not self.target_modules:

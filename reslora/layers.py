@@ -79,6 +79,16 @@ def is_conv1d(module: nn.Module) -> bool:
     return conv1d is not None and isinstance(module, conv1d)
 
 
+HALF_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def adapter_dtype(weight_dtype: torch.dtype, autocast_adapter_dtype: bool) -> torch.dtype:
+    """The dtype of lora_A / lora_B: float32 on a half-precision base unless the config keeps the base's dtype
+    (PEFT's ``autocast_adapter_dtype``): half-precision adapters barely train (AdamW's updates round away in
+    bf16, fp16 overflows to NaN)."""
+    return torch.float32 if autocast_adapter_dtype and weight_dtype in HALF_PRECISION else weight_dtype
+
+
 class ResLoraLinear(nn.Module):
     """Takes the place of a target ``nn.Linear`` (or transformers' ``Conv1D``): ``h_n = W_n x_n + s * (ResLoRA
     branch)``.
@@ -92,7 +102,7 @@ class ResLoraLinear(nn.Module):
     """
 
     def __init__(self, base_layer: nn.Linear, variant: str, r: int, lora_alpha: float, lora_dropout: float,
-                 window: int, slot: ForwardSlot, detach_shortcut: bool = False):
+                 window: int, slot: ForwardSlot, detach_shortcut: bool = False, autocast_adapter_dtype: bool = True):
         super().__init__()
         self.base_layer = base_layer
         self.variant = variant
@@ -100,8 +110,9 @@ class ResLoraLinear(nn.Module):
         self.scaling = lora_alpha / r
         self.fan_in_fan_out = is_conv1d(base_layer)
         weight = base_layer.weight
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=weight.dtype, device=weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=weight.dtype, device=weight.device))
+        dtype = adapter_dtype(weight.dtype, autocast_adapter_dtype)
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.window = window
@@ -117,6 +128,7 @@ class ResLoraLinear(nn.Module):
         self.chain = None
         self._slot = slot
         self.merged_in_place = False
+        self.disabled = False  # ResLoraModel.disable_adapter(): the base layer alone
 
     @property
     def in_features(self) -> int:
@@ -140,15 +152,18 @@ class ResLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        if self.merged_in_place:  # inside ResLoraModel.merged(): base_layer holds W*, the branch is folded in
+        if self.merged_in_place or self.disabled:  # merged: base_layer holds W*; disabled: the base model alone
             return out
+        # As PEFT: the branch runs in the adapter's dtype (float32 on a half-precision base) and its sum with
+        # the base output is cast back to the base output's dtype. No-ops when the dtypes agree.
+        dtype = self.lora_A.dtype
         if self.variant in ("lora", "bs"):
             A, B = self.lora_A, self.lora_B
             if self.variant == "bs" and self.prev:
                 # Sum_k B_{n-k} A_{n-k} as one rank-(m+1)r product: one matmul pair, not m+1.
                 A = torch.cat([A, *(self._shortcut(p.lora_A) for p in self.prev)], dim=0)
                 B = torch.cat([B, *(self._shortcut(p.lora_B) for p in self.prev)], dim=1)
-            return self._add_scaled(out, F.linear(F.linear(self.lora_dropout(x), A), B))
+            return self._add_scaled(out, F.linear(self.lora_dropout(x.to(dtype)), A), B)
 
         state = self._forward_state()
         if self.variant == "is":
@@ -158,27 +173,27 @@ class ResLoraLinear(nn.Module):
                 x_prev = x
             else:
                 x_prev = self._shortcut(x_prev)
-            branch = F.linear(self.lora_dropout(x + x_prev), self.lora_A)
+            branch = F.linear(self.lora_dropout(x.to(dtype) + x_prev.to(dtype)), self.lora_A)
             self._record(state, x)
         else:  # ms
-            ax = F.linear(self.lora_dropout(x), self.lora_A)
+            ax = F.linear(self.lora_dropout(x.to(dtype)), self.lora_A)
             state.saved[self] = ax
             branch = ax
             if self._saved_of_previous(state, ax) is not None:
                 for p in self.prev:
                     branch = branch + self._shortcut(state.saved[p])
             self._record(state, x, ax)
-        return self._add_scaled(out, F.linear(branch, self.lora_B))
+        return self._add_scaled(out, branch, self.lora_B)
 
     def _shortcut(self, residual: torch.Tensor) -> torch.Tensor:
         # detach() returns the same values, so the forward stays bit-identical; only the backward changes
         return residual.detach() if self.detach_shortcut else residual
 
-    def _add_scaled(self, out: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
-        # out + s * branch as one kernel (add with alpha): a separate multiply would be one more pass over a
-        # full (tokens x out) activation in every target layer, the largest cost of the LoRA branch after
-        # its two matmuls.
-        return torch.add(out, branch, alpha=self.scaling)
+    def _add_scaled(self, out: torch.Tensor, branch: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        # out + B (s * branch): the scaling multiplies the rank-r intermediate, a pass over (tokens x r) instead
+        # of over the full (tokens x out) output. Not torch.add(..., alpha=s): torch 2.13's CPU inductor drops
+        # the alpha of an add fused with a matmul on 2-D inputs (torch.compile silently wrong).
+        return (out + F.linear(branch * self.scaling, B)).to(out.dtype)
 
     def _forward_state(self) -> ForwardState:
         state = self._slot.current
@@ -218,6 +233,17 @@ class ResLoraLinear(nn.Module):
             self.ax_norms.index_copy_(0, slot, ax.detach().float().norm().view(1))
         self.stat_count += 1
         state.recorded.append((self, slot))
+
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) / .half() cast every floating buffer; the merge statistics stay float32 (a
+        # norm over a whole batch overflows fp16, bf16 keeps 3 digits) and only follow the model's device.
+        norms = {name: self._buffers[name] for name in ("input_norms", "ax_norms") if name in self._buffers}
+        super()._apply(fn, recurse)
+        for name, before in norms.items():
+            after = self._buffers[name]
+            if after.dtype != torch.float32:
+                self._buffers[name] = before.to(after.device)
+        return self
 
     def mean_norms(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(f_n, g_n): means of the recorded windows, or None before anything was recorded."""

@@ -51,14 +51,24 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"mode={mode!r} is not a merge mode; choose one of {list(MERGE_MODES)}")
 
 
+def check_not_merged(model, action: str) -> None:
+    """Refuse ``action`` inside ``with model.merged(...)``: the target weights then hold W*, so a second merge
+    would add the update on top of it."""
+    if any(layer.merged_in_place for layer in model.named_reslora_layers().values()):
+        raise RuntimeError(f"cannot {action} inside `with model.merged(...)`: the target weights hold the merged W* "
+                           "until the block ends (merging again would add the update twice). Leave the block first; "
+                           "it restores the unmerged weights on exit")
+
+
 def _norms(layer: ResLoraLinear, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     norms = layer.mean_norms()
     if norms is None:
         name = layer.chain.name_of(layer)
         raise RuntimeError(
             f"{mode} of a ResLoRA '{layer.variant}' model needs the input statistics of block {name}, which has "
-            "seen no training forward yet: train first, or fill them from training batches with "
-            "model.calibrate(batches)")
+            "seen no training forward yet: only forwards in train mode record them (call model.train() before "
+            "training: from_pretrained and many trainers' evaluation leave the model in eval mode), or fill them "
+            "from training batches with model.calibrate(batches)")
     return norms
 
 
@@ -127,6 +137,7 @@ def fit_merge_ls(model, batches, ridge: float = 1e-4) -> None:
 
     Each ``is``/``ms`` block gets ``ls_solution`` (alpha, or A*); ``ridge`` is relative to the mean
     eigenvalue of the inputs' Gram matrix."""
+    check_not_merged(model, "fit merge_ls")
     layers = [m for m in model.named_reslora_layers().values() if m.variant in ("is", "ms")]
     inputs: dict = {}
     hooks = [layer.register_forward_pre_hook(lambda mod, args: inputs.__setitem__(mod, args[0])) for layer in layers]
@@ -170,6 +181,7 @@ def fit_merge_ls(model, batches, ridge: float = 1e-4) -> None:
 def merged_weights(model, mode: str) -> dict[ResLoraLinear, torch.Tensor]:
     """W*_n for every ResLoRA block of ``model`` in ``mode``, in the layout and dtype of the block's base weight."""
     _check_mode(mode)
+    check_not_merged(model, f"merge ({mode})")
     merged = {}
     for layer in model.named_reslora_layers().values():
         B, A = low_rank_factors(layer, mode)
@@ -197,6 +209,7 @@ def export_peft_adapter(model, directory: str | Path, mode: str, task_type: str 
     from peft import LoraConfig
 
     _check_mode(mode)
+    check_not_merged(model, "export a PEFT adapter")
     config = model.reslora_config
     task_type = config.task_type if task_type == INFERRED else task_type
     tensors, rank_pattern, alpha_pattern = {}, {}, {}

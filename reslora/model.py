@@ -10,6 +10,7 @@ import inspect
 import json
 import logging
 import re
+import tempfile
 import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -37,6 +38,24 @@ SEQ_CLS_HEADS = ("score", "classifier")  # what PEFT's all-linear leaves out of 
 # PEFT's task types by the class-name suffix of a transformers model
 TASK_TYPES = {"ForSequenceClassification": "SEQ_CLS", "ForCausalLM": "CAUSAL_LM", "ForTokenClassification": "TOKEN_CLS",
               "ForQuestionAnswering": "QUESTION_ANS", "ForConditionalGeneration": "SEQ_2_SEQ_LM"}
+
+
+# Names PEFT and transformers users call on an adapted model that the base model would answer with its own
+# machinery (transformers' adapters, the whole model's weights): the error says what to use here instead.
+ONE_ADAPTER = ("a ResLoraModel holds exactly one adapter, always active: wrap a fresh base model with "
+               "get_reslora_model (or ResLoraModel.from_pretrained) for another one")
+PEFT_ALTERNATIVES = {
+    **dict.fromkeys(("add_adapter", "set_adapter", "delete_adapter", "delete_adapters", "add_weighted_adapter",
+                     "active_adapter", "active_adapters", "enable_peft_hotswap"), ONE_ADAPTER),
+    "peft_config": "its config is model.reslora_config",
+    "get_adapter_state_dict": "use model.adapter_state_dict()",
+    "merge_adapter": "merge in place with `with model.merged(mode):` (restored on exit), or build a merged model "
+                     "with model.merge_and_unload(mode)",
+    "unmerge_adapter": "`with model.merged(mode):` restores the unmerged weights when its block ends",
+    "enable_adapter_layers": "use model.enable_adapters()",
+    "disable_adapter_layers": "use model.disable_adapters(), or the context `with model.disable_adapter():`",
+    "get_nb_trainable_parameters": "use model.trainable_parameters()",
+}
 
 
 def task_type_of(base_model: nn.Module) -> str | None:
@@ -261,7 +280,9 @@ class ResLoraModel(nn.Module):
         for name, module in targets:
             parent_name, _, child = name.rpartition(".")
             layer = ResLoraLinear(module, config.variant, config.r, config.lora_alpha, config.lora_dropout,
-                                  config.window, self._slot, detach_shortcut=config.detach_shortcut)
+            layer = ResLoraLinear(module, config.variant, config.r, config.lora_alpha, config.lora_dropout,
+                                  config.window, self._slot, detach_shortcut=config.detach_shortcut,
+                                  autocast_adapter_dtype=config.autocast_adapter_dtype)
             setattr(self.base_model.get_submodule(parent_name), child, layer)
 
     def _unfreeze_modules_to_save(self, patterns: list[str]) -> None:
@@ -314,6 +335,9 @@ class ResLoraModel(nn.Module):
         except AttributeError:
             if name == "base_model":
                 raise
+            if name in PEFT_ALTERNATIVES:
+                raise AttributeError(f"{type(self).__name__} has no {name!r} (the base model's would act on the "
+                                     f"base model, not on the ResLoRA adapter): {PEFT_ALTERNATIVES[name]}") from None
             return getattr(self.base_model, name)
 
     def checkpoint_context_fn(self):
@@ -352,6 +376,9 @@ class ResLoraModel(nn.Module):
     def calibrate(self, batches) -> None:
         """Fill the merge statistics from forwards on ``batches`` (dicts of keyword arguments or tensors),
         e.g. for a model trained elsewhere. Use training data, never the evaluation set."""
+        from .merge import check_not_merged
+
+        check_not_merged(self, "calibrate")
         self._slot.calibrating = True
         try:
             for batch in batches:
@@ -377,6 +404,41 @@ class ResLoraModel(nn.Module):
         trainable, total = self.trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
+    # ---- switching the adapter off (PEFT's and transformers' names) ------------------------------------
+    def get_base_model(self) -> nn.Module:
+        """The base model, with the ResLoRA layers in it (PEFT's name)."""
+        return self.base_model
+
+    def disable_adapters(self) -> None:
+        """Switch the adapter off until ``enable_adapters()``: the model computes the base model's outputs and
+        records no merge statistics."""
+        from .merge import check_not_merged
+
+        check_not_merged(self, "disable the adapter")
+        for layer in self.named_reslora_layers().values():
+            layer.disabled = True
+
+    def enable_adapters(self) -> None:
+        """Switch the adapter back on after ``disable_adapters()``."""
+        for layer in self.named_reslora_layers().values():
+            layer.disabled = False
+
+    @contextmanager
+    def disable_adapter(self):
+        """PEFT's context: inside the block the model computes the base model's outputs; on exit, also on an
+        exception, the adapter is as it was before.
+
+            with model.disable_adapter():
+                reference = model(**batch)
+        """
+        before = {layer: layer.disabled for layer in self.named_reslora_layers().values()}
+        self.disable_adapters()
+        try:
+            yield self
+        finally:
+            for layer, disabled in before.items():
+                layer.disabled = disabled
+
     # ---- merging ------------------------------------------------------------------------------------
     @contextmanager
     def merged(self, mode: str = "merge_bi"):
@@ -390,6 +452,9 @@ class ResLoraModel(nn.Module):
         """
         from .merge import merged_weights
 
+        if any(layer.disabled for layer in self.named_reslora_layers().values()):
+            raise RuntimeError("cannot merge in place while the adapter is disabled (disable_adapters() or inside "
+                               "`with model.disable_adapter():`): enable it first, or evaluate the base model as it is")
         weights = merged_weights(self, mode)
         originals = {layer: layer.base_layer.weight.data for layer in weights}
         try:
@@ -485,6 +550,22 @@ class ResLoraModel(nn.Module):
             raise ValueError(f"the state being loaded belongs to a ResLoRA adapter with another config "
                              f"({'; '.join(differ)})")
         self._restore_chain_splits(saved["chains"])
+
+    def push_to_hub(self, repo_id: str, commit_message: str = "Upload ResLoRA adapter", private: bool | None = None,
+                    token: str | None = None, revision: str | None = None, create_pr: bool = False):
+        """Upload the adapter (what ``save_pretrained`` writes, not the base model) to the hub repository
+        ``repo_id``, created if needed; ``ResLoraModel.from_pretrained(base, repo_id)`` loads it back. Needs
+        huggingface_hub."""
+        try:
+            from huggingface_hub import HfApi
+        except ImportError as error:
+            raise ImportError("push_to_hub needs huggingface_hub (pip install huggingface_hub)") from error
+        api = HfApi(token=token)
+        with tempfile.TemporaryDirectory() as directory:
+            self.save_adapter(directory)
+            repo = api.create_repo(repo_id, private=private, exist_ok=True)
+            return api.upload_folder(repo_id=repo.repo_id, folder_path=directory, commit_message=commit_message,
+                                     revision=revision, create_pr=create_pr)
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, directory: str | Path) -> "ResLoraModel":

@@ -1,4 +1,5 @@
-"""`make bench` works: its quick mode runs every contestant on both workloads and writes a complete report.
+"""`make bench` works: its quick mode runs every contestant on both float32 workloads (and, slow, the bf16 one) and
+writes a complete report.
 Speed is not asserted here (the numbers of a quick run on a busy test machine mean nothing)."""
 
 from __future__ import annotations
@@ -7,6 +8,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
@@ -25,7 +28,7 @@ def test_quick_bench_reports_every_contestant(tmp_path):
     report = json.loads((tmp_path / "bench.json").read_text())
     assert report["meta"]["threads"] == 1 and report["meta"]["quick"] is True
     assert len(report["meta"]["loadavg_start"]) == 3
-    assert set(report["workloads"]) == {"minilm", "smollm2"}
+    assert set(report["workloads"]) == {"minilm", "smollm2"}  # smollm2_bf16: test_quick_bf16_bench
     keys = [c.key for c in CONTESTANTS]
     for name, work in report["workloads"].items():
         assert list(work["train"]) == keys, name
@@ -46,6 +49,7 @@ def test_quick_bench_reports_every_contestant(tmp_path):
             assert inference["same_structure_as_base"] is True, (name, key)
         # same adapter size everywhere: the residual paths add no parameter
         assert len({work["train"][k]["trainable_params"] for k in keys}) == 1
+        assert work["base_dtype"] == "float32" and all(work["train"][k]["trainable_dtypes"] == ["float32"] for k in keys)
     assert len(report["targets"]) == 2 * len(TARGETS)
     assert all(isinstance(t["met"], bool) and positive(t["ratio"]) and t["verdict"] for t in report["targets"])
     text = (tmp_path / "bench.md").read_text()
@@ -58,3 +62,17 @@ def test_quick_bench_reports_every_contestant(tmp_path):
     assert rebuilt.returncode == 0, rebuilt.stderr[-2000:]
     text = (tmp_path / "bench.md").read_text()
     assert "## Peak memory of a merged evaluation" in text and "| random LLaMA (954M) | is |" in text
+
+
+@pytest.mark.slow
+def test_quick_bf16_bench_trains_float32_adapters_on_a_bf16_base_beside_peft(tmp_path):
+    """Minutes: bf16 matmuls are emulated on CPUs without bf16 instructions."""
+    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench.py"), "--quick", "--only", "smollm2_bf16",
+                             "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    work = json.loads((tmp_path / "bench.json").read_text())["workloads"]["smollm2_bf16"]
+    assert work["base_dtype"] == "bfloat16"
+    # float32 adapters for every contestant, PEFT's LoRA included (its default too: the same setting)
+    assert [work["train"][c.key]["trainable_dtypes"] for c in CONTESTANTS] == [["float32"]] * len(CONTESTANTS)
+    assert all(positive(work["train"][c.key]["step_s"]) for c in CONTESTANTS)
+    assert all(inference["same_structure_as_base"] is True for inference in work["inference"].values())
