@@ -1,9 +1,11 @@
 """Check every published run record (`make check-records`; CI runs it).
 
-A record passes when it parses, has status ok, was made from a committed tree (git.dirty false), and its
-identity config equals what its experiment composes at HEAD (same experiment, scale, task, method, seed and
-overrides). Records known to fail a check are listed, with the reason, in results/records/known_stale.txt;
-they are reported but do not fail the check. The check fails (exit 1) on any other problem, and on a listed
+A record passes when it parses, has status ok and every required key, lies at the path its scale, tag, task,
+cell and seed name, its headline and final metrics are what its own per-item predictions give
+(``reslora.lab.records.record_problems``, which states the tolerance), no other record is the same configuration,
+it was made from a committed tree (git.dirty false), and its identity config equals what its experiment composes
+at HEAD (same experiment, scale, task, method, seed and overrides). Records known to fail a check are listed, with
+the reason, in results/records/known_stale.txt; they are reported but do not fail the check. The check fails (exit 1) on any other problem, and on a listed
 record that no longer has one (the list must stay true).
 
     python experiments/check_records.py [--results results] [--verbose]
@@ -19,7 +21,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from reslora.lab.records import KNOWN_STALE, RecordError, differing_keys, identity, is_dirty, known_stale, read_record
+from reslora.lab.records import (KNOWN_STALE, RecordError, differing_keys, duplicate_problems, identity, is_dirty,
+                                 known_stale, read_record, record_problems)
 
 ROOT = Path(__file__).resolve().parents[1]
 @functools.lru_cache(maxsize=None)
@@ -55,6 +58,7 @@ def check(results: Path, verbose: bool = False) -> int:
     known = known_stale(results)
     files = sorted(p for p in records_dir.glob("*/*/*/*/seed*.json") if p.parts[-5] != "smoke")
     problems: dict[str, str] = {}
+    checked: dict[Path, dict] = {}
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         for path in files:
             name = str(path.relative_to(records_dir))
@@ -63,9 +67,11 @@ def check(results: Path, verbose: bool = False) -> int:
             except RecordError as error:
                 problems[name] = str(error)
                 continue
-            issues = []
-            if record.get("status") != "ok":
-                issues.append(f"status {record.get('status')!r}")
+            issues = record_problems(record, path, records_dir)
+            if issues:  # not a usable record: its config cannot be composed again either
+                problems[name] = "; ".join(issues)
+                continue
+            checked[path] = record
             if is_dirty(record):
                 issues.append(f"made from a tree with uncommitted changes (commit {record.get('git', {}).get('commit')})")
             differ = differing_keys(composed_identity(record), identity(record["config"]))
@@ -76,6 +82,9 @@ def check(results: Path, verbose: bool = False) -> int:
                 problems[name] = "; ".join(issues)
             elif verbose:
                 print(f"ok      {name}")
+    for path, problem in duplicate_problems(checked).items():
+        name = str(path.relative_to(records_dir))
+        problems[name] = "; ".join(filter(None, (problems.get(name), problem)))
     unlisted = {k: v for k, v in problems.items() if k not in known}
     listed = {k: v for k, v in problems.items() if k in known}
     fixed = sorted(k for k in known if k not in problems)

@@ -108,9 +108,15 @@ def test_a_damaged_checkpoint_is_named_and_the_way_out_given(tmp_path):
 
 # ---- reading records -------------------------------------------------------------------------------------------
 def fake_record(path: Path, dirty: bool = False, status: str = "ok") -> None:
+    """A committed MRPC record made into the one at ``path`` (``<scale>/<tag>/mrpc/<method>/seed0.json``)."""
+    record = json.loads((ROOT / "results/records/cpu/table2/mrpc/lora/seed0.json").read_text())
+    scale, tag, _, method = path.parts[-5:-1]
+    record.update(status=status, scale=scale, tag=tag, method=method, cell=method,
+                  git={"commit": "abc", "dirty": dirty})
+    record["config"].update(tag=tag, scale={**record["config"]["scale"], "name": scale},
+                            method={**record["config"]["method"], "name": method})
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"status": status, "config": {}, "task": "mrpc", "method": "lora", "seed": 0,
-                                "git": {"commit": "abc", "dirty": dirty}}))
+    path.write_text(json.dumps(record))
 
 
 def test_an_unreadable_record_stops_the_table_build_naming_it(tmp_path):
