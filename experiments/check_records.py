@@ -5,8 +5,8 @@ cell and seed name, its headline and final metrics are what its own per-item pre
 (``reslora.lab.records.record_problems``, which states the tolerance), no other record is the same configuration,
 it was made from a committed tree (git.dirty false), and its identity config equals what its experiment composes
 at HEAD (same experiment, scale, task, method, seed and overrides). Records known to fail a check are listed, with
-the reason, in results/records/known_stale.txt; they are reported but do not fail the check. The check fails (exit 1) on any other problem, and on a listed
-record that no longer has one (the list must stay true).
+the reason, in results/records/known_stale.txt; they are reported but do not fail the check. The check fails
+(exit 1) on any other problem, and on a listed record that no longer has one (the list must stay true).
 
     python experiments/check_records.py [--results results] [--verbose]
 """

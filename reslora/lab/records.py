@@ -302,15 +302,17 @@ def metric_problems(record: dict) -> list[str]:
             if len(set(counts.values())) != 1 or len(set(map(str, items.get("id", [])))) != counts.get("id"):
                 problems.append(f"predictions {mode}/{split} are not one entry per distinct id ({counts})")
                 continue
-            if record["config"]["task"].get("family") != "text2image" and split in sizes and counts["id"] != sizes[split]:
-                problems.append(f"predictions {mode}/{split} hold {counts['id']} items where the split has {sizes[split]}")
+            per_example = record["config"]["task"].get("family") != "text2image"  # text-to-image: per sample drawn
+            if per_example and split in sizes and counts["id"] != sizes[split]:
+                problems.append(f"predictions {mode}/{split} hold {counts['id']} items where the split has "
+                                f"{sizes[split]}")
             recomputed, tolerance = recomputed_metrics(record, items)
             for key, value in recomputed.items():
                 if key not in numbers:
                     problems.append(f"final {mode}/{split} lacks {key}")
                 elif not abs(numbers[key] - value) <= tolerance:
-                    problems.append(f"final {mode}/{split}/{key} is {numbers[key]!r} but its predictions give {value!r} "
-                                    f"(tolerance {tolerance:.2g})")
+                    problems.append(f"final {mode}/{split}/{key} is {numbers[key]!r} but its predictions give "
+                                    f"{value!r} (tolerance {tolerance:.2g})")
     return problems
 
 
