@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from reslora.lab.records import RecordError, cell_name, load_records, rounding_tolerance
+from reslora.lab.records import (RecordError, cell_name, check_path_names, load_records, rounding_tolerance,
+                                 variant_overrides)
 from reslora.lab.tasks.glue import compute_metrics
-from test_platform import ROOT
+from test_platform import ROOT, needs_data, train
 
 COMMITTED = ROOT / "results" / "records"
 
@@ -147,3 +149,50 @@ def test_check_records_fails_on_an_edited_record_naming_it(tmp_path):
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"FAIL    {STSB}: headline" in result.stdout and "2 records: 1 pass" in result.stdout
+
+
+# ---- one configuration, one cell; names that become paths ---------------------------------------------------------
+def test_one_configuration_is_one_cell_however_its_overrides_are_spelled():
+    config = {"seed": 0, "train": {"lr": 0.001, "bf16": True}, "model": {"path": "/m"}}
+    typed = variant_overrides(["train.lr=1e-3", "train.bf16=True", "model.path=/m", "seed=1"], config)
+    swept = variant_overrides(["train.lr=0.001", "train.bf16=true", "model.path=/m"], config)
+    assert typed == swept == ["model.path=/m", "train.bf16=true", "train.lr=0.001"]
+    assert cell_name("lora", typed, config) == cell_name("lora", swept, config)
+
+
+def test_committed_cells_keep_their_names():
+    for path in COMMITTED.glob("*/*/*/*/seed*.json"):
+        record = json.loads(path.read_text())
+        variants = variant_overrides(record["overrides"], record["config"])
+        assert variants == record["variant_overrides"], path
+        assert cell_name(record["method"], variants, record["config"]) == record["cell"], path
+
+
+@pytest.mark.parametrize("names, named", [({"tag": "../cpu/table2"}, "tag='../cpu/table2' is invalid"),
+                                          ({"tag": "a/b"}, "tag='a/b' is invalid"),
+                                          ({"tag": ""}, "tag='' is invalid"),
+                                          ({"tag": None}, "tag=None is invalid"),
+                                          ({"task.name": ".."}, "task.name='..' is invalid"),
+                                          ({"seed": "abc"}, "seed='abc' is invalid; it must be an integer >= 0"),
+                                          ({"seed": 1.5}, "seed=1.5 is invalid"),
+                                          ({"seed": True}, "seed=True is invalid")])
+def test_a_value_that_becomes_a_path_must_be_a_plain_name(names, named):
+    with pytest.raises(ValueError, match=re.escape(named)):
+        check_path_names(names)
+    check_path_names({"tag": "table2", "method.name": "reslora_bs_pre-1", "seed": 3})
+
+
+@needs_data
+def test_a_tag_that_leaves_its_directory_is_refused_before_anything_is_written(tmp_path):
+    result = train(tmp_path, "task=mrpc", "method=lora", "tag=../escaped", check=False)
+    assert result.returncode != 0 and "tag='../escaped' is invalid" in result.stderr
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.slow
+@needs_data
+def test_skip_done_finds_the_cell_of_the_same_configuration_typed_another_way(tmp_path):
+    args = ("task=rte", "method=lora", "train.test_modes=headline", "train.max_steps=2")
+    train(tmp_path, *args, "train.lr=1e-3")
+    assert "skip:" in train(tmp_path, *args, "train.lr=0.001", "skip_done=true").stdout
+    assert len(list((tmp_path / "results/records/smoke/default/rte").glob("*/seed0.json"))) == 1

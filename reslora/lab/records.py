@@ -19,6 +19,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import subprocess
 from pathlib import Path
 from typing import TypedDict
@@ -128,12 +129,48 @@ def override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def variant_overrides(overrides) -> list[str]:
-    """The command-line overrides that make a run a variant of its cell: neither grid nor run-control keys."""
+def variant_overrides(overrides, config: dict | None = None) -> list[str]:
+    """The command-line overrides that make a run a variant of its cell: neither grid nor run-control keys; with
+    ``config`` (the composed one), each written as ``normalised_override`` does."""
     def steers(key: str) -> bool:  # method=... names the row; method.pre_num=0 makes a variant of it
         return (key in GRID_KEYS or key.startswith(("hydra.", "hydra/"))
                 or any(key == k or key.startswith(k + ".") for k in RUN_CONTROL_KEYS))
-    return sorted(o for o in overrides if not steers(override_key(o)))
+    variants = [o for o in overrides if not steers(override_key(o))]
+    return sorted(normalised_override(o, config) if config is not None else o for o in variants)
+
+
+def normalised_override(override: str, config: dict) -> str:
+    """``key=value`` with a number or boolean written as the composed config holds it, so that one configuration
+    is one cell however it was typed (``train.lr=1e-3`` and a sweep's ``train.lr=0.001`` both name
+    ``train.lr=0.001``); any other value (a string, a list, a key the config lacks) as typed."""
+    key = override.split("=", 1)[0]
+    value = config
+    for part in override_key(override).split("."):
+        if not isinstance(value, dict) or part not in value:
+            return override
+        value = value[part]
+    if isinstance(value, bool):
+        return f"{key}={str(value).lower()}"
+    if isinstance(value, (int, float)):
+        return f"{key}={value!r}"
+    return override
+
+
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.,=+-]*")
+
+
+def check_path_names(names: dict) -> None:
+    """Refuse a value that becomes a directory name of the run dir or the record (tag, scale, task, method) unless
+    it is a plain name, and a seed that is not an integer >= 0: ``tag=../cpu/table2`` must not replace another
+    scale's record, nor ``tag=../../x`` write outside results/."""
+    for key, value in names.items():
+        if key == "seed":
+            if type(value) is not int or value < 0:
+                raise ValueError(f"seed={value!r} is invalid; it must be an integer >= 0")
+        elif not isinstance(value, str) or not PLAIN_NAME.fullmatch(value) or ".." in value:
+            raise ValueError(f"{key}={value!r} is invalid: it names a directory of the run and its record, so it "
+                             "must be a plain name (letters, digits and _ . , = + -, starting with a letter or digit, "
+                             "no '..')")
 
 
 SLUG_CHARS = 120

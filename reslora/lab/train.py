@@ -32,8 +32,9 @@ from ..io import atomic_path
 from ..merge import delta_norms
 from ..model import ResLoraModel, role_name, trainable_state
 from .methods import apply_method, eval_modes, evaluated_as
-from .records import (RecordError, RunRecord, cell_name, config_hash, differing_keys, environment, failure_path,
-                      identity, is_dirty, publish, read_record, record_path, variant_overrides, write_record)
+from .records import (RecordError, RunRecord, cell_name, check_path_names, config_hash, differing_keys, environment,
+                      failure_path, identity, is_dirty, publish, read_record, record_path, variant_overrides,
+                      write_record)
 from .tasks import build_task
 from .tasks.mirror import FILES_READ
 from .wandb_logger import RunLogger, run_id
@@ -120,7 +121,9 @@ def run(cfg, overrides=(), choices: dict | None = None) -> dict:
     ``choices``: the config group options Hydra picked (recorded, so that ``make check-records`` can compose
     the same config again). The run dir is keyed by the identity hash; only an ok run publishes its record."""
     config = OmegaConf.to_container(cfg, resolve=True)
-    variants = variant_overrides(overrides)
+    check_path_names({"tag": cfg.tag, "scale.name": cfg.scale.name, "task.name": cfg.task.name,
+                      "method.name": cfg.method.name, "seed": cfg.seed})  # before any path is made of them
+    variants = variant_overrides(overrides, config)
     cell = cell_name(cfg.method.name, variants, config)
     where = (cfg.results_dir, cfg.scale.name, cfg.tag, cfg.task.name, cell, cfg.seed)
     published, failure = record_path(*where), failure_path(*where)
