@@ -29,7 +29,7 @@ from ..io import write_json
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "hydra-core", "wandb", "numpy", "diffusers")
 # Keys that steer a run without changing what it computes: not part of its identity (dotted for nested keys).
 RUN_CONTROL_KEYS = ("debug", "logger", "skip_done", "continue_on_failure", "runs_dir", "results_dir", "threads",
-                    "data.mirror", "data.cache_dir", "train.save_adapter", "report")
+                    "data.mirror", "data.cache_dir", "data.allow_unlisted", "train.save_adapter", "report")
 # Overrides that name the cell itself (its row, column and seed) or only steer the run: not a variant of a cell.
 GRID_KEYS = ("task", "method", "seed", "scale", "experiment", "tag")
 # Tracked paths that make up the code of a run: the dirty flag and the fingerprint cover them (not results/,
