@@ -1,12 +1,15 @@
 """Check every published run record (`make check-records`; CI runs it).
 
-A record passes when it parses, has status ok, was made from a committed tree (git.dirty false), its
-identity config equals what its experiment composes at HEAD (same experiment, scale, task, method, seed and
-overrides), and every asset it names (assets.sha256: Fig. 3's judges and base) has the sha256 that
-assets/SHA256SUMS commits (reslora.lab.assets); the committed asset files must match SHA256SUMS too. Records of
-a task with assets made before assets were hashed name none: they are listed as notes. Records known to fail a check are listed, with the reason, in results/records/known_stale.txt;
-they are reported but do not fail the check. The check fails (exit 1) on any other problem, and on a listed
-record that no longer has one (the list must stay true).
+A record passes when it parses, has status ok and every required key, lies at the path its scale, tag, task,
+cell and seed name, its headline and final metrics are what its own per-item predictions give
+(``reslora.lab.records.record_problems``, which states the tolerance), no other record is the same configuration,
+it was made from a committed tree (git.dirty false), its identity config equals what its experiment composes
+at HEAD (same experiment, scale, task, method, seed and overrides), and every asset it names (assets.sha256: Fig.
+3's judges and base) has the sha256 that assets/SHA256SUMS commits (reslora.lab.assets); the committed asset files
+must match SHA256SUMS too. Records of a task with assets made before assets were hashed name none: they are listed
+as notes. Records known to fail a check are listed, with the reason, in results/records/known_stale.txt; they are
+reported but do not fail the check. The check fails (exit 1) on any other problem, and on a listed record that no
+longer has one (the list must stay true).
 
     python experiments/check_records.py [--results results] [--verbose]
 """
@@ -22,8 +25,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from reslora.lab.assets import committed_file_problems, names_no_hashes, record_asset_problems
-from reslora.lab.records import (KNOWN_STALE, RecordError, differing_keys, identity, is_dirty, known_stale, read_record,
-                                 run_shape)
+from reslora.lab.records import (KNOWN_STALE, RecordError, differing_keys, duplicate_problems, identity, is_dirty,
+                                 known_stale, read_record, record_problems, run_shape)
 
 ROOT = Path(__file__).resolve().parents[1]
 @functools.lru_cache(maxsize=None)
@@ -60,6 +63,7 @@ def check(results: Path, verbose: bool = False) -> int:
     files = sorted(p for p in records_dir.glob("*/*/*/*/seed*.json") if p.parts[-5] != "smoke")
     problems: dict[str, str] = {}
     unhashed: list[str] = []  # records made before assets were hashed
+    checked: dict[Path, dict] = {}
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         for path in files:
             name = str(path.relative_to(records_dir))
@@ -68,9 +72,11 @@ def check(results: Path, verbose: bool = False) -> int:
             except RecordError as error:
                 problems[name] = str(error)
                 continue
-            issues = []
-            if record.get("status") != "ok":
-                issues.append(f"status {record.get('status')!r}")
+            issues = record_problems(record, path, records_dir)
+            if issues:  # not a usable record: its config cannot be composed again either
+                problems[name] = "; ".join(issues)
+                continue
+            checked[path] = record
             if is_dirty(record):
                 issues.append(f"made from a tree with uncommitted changes (commit {record.get('git', {}).get('commit')})")
             differ = differing_keys(composed_identity(record), identity(record["config"]))
@@ -84,6 +90,9 @@ def check(results: Path, verbose: bool = False) -> int:
                 problems[name] = "; ".join(issues)
             elif verbose:
                 print(f"ok      {name}")
+    for path, problem in duplicate_problems(checked).items():
+        name = str(path.relative_to(records_dir))
+        problems[name] = "; ".join(filter(None, (problems.get(name), problem)))
     unlisted = {k: v for k, v in problems.items() if k not in known}
     listed = {k: v for k, v in problems.items() if k in known}
     fixed = sorted(k for k in known if k not in problems)

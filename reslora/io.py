@@ -40,5 +40,6 @@ def exclusive(path: str | Path):
 
 
 def write_json(path: str | Path, data) -> None:
+    """Strict JSON: a NaN or infinity is refused (``ValueError``), never written as the non-standard ``NaN``."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str, allow_nan=False) + "\n")

@@ -280,7 +280,6 @@ class ResLoraModel(nn.Module):
         for name, module in targets:
             parent_name, _, child = name.rpartition(".")
             layer = ResLoraLinear(module, config.variant, config.r, config.lora_alpha, config.lora_dropout,
-            layer = ResLoraLinear(module, config.variant, config.r, config.lora_alpha, config.lora_dropout,
                                   config.window, self._slot, detach_shortcut=config.detach_shortcut,
                                   autocast_adapter_dtype=config.autocast_adapter_dtype)
             setattr(self.base_model.get_submodule(parent_name), child, layer)

@@ -22,6 +22,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import subprocess
 from pathlib import Path
 from typing import TypedDict
@@ -31,7 +32,7 @@ from ..io import write_json
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "hydra-core", "wandb", "numpy", "diffusers")
 # Keys that steer a run without changing what it computes: not part of its identity (dotted for nested keys).
 RUN_CONTROL_KEYS = ("debug", "logger", "skip_done", "continue_on_failure", "allow_no_git", "runs_dir", "results_dir",
-                    "data.mirror", "data.cache_dir", "train.save_adapter", "report")
+                    "data.mirror", "data.cache_dir", "data.allow_unlisted", "train.save_adapter", "report")
 # The run's shape: processes (``num_processes``, set by the launcher: it multiplies the effective batch) and torch
 # threads (they change the order of floating-point sums). Part of the identity and the cell when not 1; at 1 left
 # out, so that a one-process, one-thread run keeps the identity it had before the shape was recorded.
@@ -137,12 +138,48 @@ def override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def variant_overrides(overrides) -> list[str]:
-    """The command-line overrides that make a run a variant of its cell: neither grid nor run-control keys."""
+def variant_overrides(overrides, config: dict | None = None) -> list[str]:
+    """The command-line overrides that make a run a variant of its cell: neither grid nor run-control keys; with
+    ``config`` (the composed one), each written as ``normalised_override`` does."""
     def steers(key: str) -> bool:  # method=... names the row; method.pre_num=0 makes a variant of it
         return (key in GRID_KEYS or key in SHAPE_KEYS or key.startswith(("hydra.", "hydra/"))
                 or any(key == k or key.startswith(k + ".") for k in RUN_CONTROL_KEYS))
-    return sorted(o for o in overrides if not steers(override_key(o)))
+    variants = [o for o in overrides if not steers(override_key(o))]
+    return sorted(normalised_override(o, config) if config is not None else o for o in variants)
+
+
+def normalised_override(override: str, config: dict) -> str:
+    """``key=value`` with a number or boolean written as the composed config holds it, so that one configuration
+    is one cell however it was typed (``train.lr=1e-3`` and a sweep's ``train.lr=0.001`` both name
+    ``train.lr=0.001``); any other value (a string, a list, a key the config lacks) as typed."""
+    key = override.split("=", 1)[0]
+    value = config
+    for part in override_key(override).split("."):
+        if not isinstance(value, dict) or part not in value:
+            return override
+        value = value[part]
+    if isinstance(value, bool):
+        return f"{key}={str(value).lower()}"
+    if isinstance(value, (int, float)):
+        return f"{key}={value!r}"
+    return override
+
+
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.,=+-]*")
+
+
+def check_path_names(names: dict) -> None:
+    """Refuse a value that becomes a directory name of the run dir or the record (tag, scale, task, method) unless
+    it is a plain name, and a seed that is not an integer >= 0: ``tag=../cpu/table2`` must not replace another
+    scale's record, nor ``tag=../../x`` write outside results/."""
+    for key, value in names.items():
+        if key == "seed":
+            if type(value) is not int or value < 0:
+                raise ValueError(f"seed={value!r} is invalid; it must be an integer >= 0")
+        elif not isinstance(value, str) or not PLAIN_NAME.fullmatch(value) or ".." in value:
+            raise ValueError(f"{key}={value!r} is invalid: it names a directory of the run and its record, so it "
+                             "must be a plain name (letters, digits and _ . , = + -, starting with a letter or digit, "
+                             "no '..')")
 
 
 def run_shape(config: dict) -> dict:
@@ -213,23 +250,179 @@ def known_stale(results_dir: str | Path) -> dict[str, str]:
     return known
 
 
+# ---- a record checked against itself -----------------------------------------------------------------------------
+# Keys every published record has: what the tables read, and what the checks below recompute from.
+REQUIRED_KEYS = ("task", "method", "cell", "seed", "scale", "tag", "config", "git", "final", "predictions",
+                 "headline", "headline_mode", "headline_metric")
+# Older STS-B records hold their predictions rounded to 4 decimals (then stored as float32); newer ones the float32
+# values, unrounded.
+ROUNDED_TO = 1e-4
+# Recomputing from unrounded float32 predictions in float64 moves a correlation by < 1e-5 on the committed records.
+FLOAT_TOLERANCE = 1e-5
+
+
+def placement_problems(record: dict, relative: Path) -> list[str]:
+    """Where the record lies (``scale/tag/task/cell/seed<N>.json`` under results/records) against what it says it
+    is, and what it says against its own config: a record copied or moved to another cell's path is refused."""
+    config = record["config"]
+    said = {"scale": record["scale"], "tag": record["tag"], "task": record["task"], "cell": record["cell"],
+            "seed": f"seed{record['seed']}"}
+    at = dict(zip(("scale", "tag", "task", "cell", "seed"), (*relative.parts[:4], relative.stem)))
+    problems = [f"its {key} is {said[key]!r} but it lies at {at[key]!r}" for key in said if said[key] != at[key]]
+    in_config = {"task": config.get("task", {}).get("name"), "scale": config.get("scale", {}).get("name"),
+                 "method": config.get("method", {}).get("name"), "tag": config.get("tag"), "seed": config.get("seed")}
+    problems += [f"its {key} is {record[key]!r} but its config's is {value!r}" for key, value in in_config.items()
+                 if record[key] != value]
+    expected_cell = cell_name(record["method"], record.get("variant_overrides", []) + shape_overrides(config), config)
+    if record["cell"] != expected_cell:
+        problems.append(f"its cell is {record['cell']!r} but its method, overrides and config name {expected_cell!r}")
+    return problems
+
+
+def rounding_tolerance(values) -> float:
+    """How far a correlation of ``values`` with anything can be from the one of the values before they were rounded
+    to ``ROUNDED_TO`` (0 when they are not all multiples of it). A correlation is the cosine of the angle between
+    the centred vectors; rounding moves the vector by at most ``ROUNDED_TO / 2`` per item, which turns it by at
+    most ``asin(|error| / |centred vector|)``, and a cosine moves by at most the angle. Spearman: the same bound on
+    the ranks, since rounding keeps the order and only ties items (a tie group of t moves by at most
+    ``sqrt((t^3 - t) / 12)``)."""
+    import numpy as np
+    from scipy.stats import rankdata
+
+    values = np.asarray(values, dtype=float)
+    if not np.array_equal(np.float32(np.round(values, 4)), np.float32(values)):  # stored as float32 after rounding
+        return 0.0
+
+    def angle(vector, error):
+        norm = np.linalg.norm(vector - vector.mean())
+        return float(np.arcsin(min(1.0, error / norm))) if norm else 2.0
+
+    _, ties = np.unique(values, return_counts=True)
+    return max(angle(values, ROUNDED_TO / 2 * np.sqrt(len(values))),
+               angle(rankdata(values), float(np.sqrt(np.sum(ties ** 3 - ties) / 12))))
+
+
+def recomputed_metrics(record: dict, split_items: dict) -> tuple[dict[str, float], float]:
+    """The metrics that the task family computes from per-item predictions, recomputed from ``split_items`` (one
+    split of one mode), and the tolerance they hold to. GLUE: every metric; reasoning: accuracy; text-to-image:
+    the style score and its parts (the denoising loss has no per-item values: it cannot be recomputed)."""
+    import numpy as np
+
+    family = record["config"]["task"].get("family")
+    if family == "glue":
+        from .tasks.glue import GLUE, compute_metrics
+
+        spec = GLUE[record["task"]]
+        predictions, labels = np.asarray(split_items["prediction"]), np.asarray(split_items["label"])
+        if spec.num_labels > 1:
+            return compute_metrics(spec.metrics, predictions.astype(int), labels.astype(int)), FLOAT_TOLERANCE
+        return compute_metrics(spec.metrics, predictions, labels), FLOAT_TOLERANCE + rounding_tolerance(predictions)
+    if family == "reasoning":
+        return {"accuracy": float(np.mean(split_items["correct"]))}, FLOAT_TOLERANCE
+    if family == "text2image":
+        return ({metric: float(np.mean(split_items[key])) for metric, key in
+                 (("style_score", "correct"), ("content_score", "content"), ("styled_share", "styled"))},
+                FLOAT_TOLERANCE)
+    raise RecordError(f"task family {family!r} has no per-item metrics to recompute")
+
+
+def metric_problems(record: dict) -> list[str]:
+    """The record's headline and final metrics against what its own per-item predictions give (``recomputed_metrics``;
+    tolerance ``FLOAT_TOLERANCE``, plus ``rounding_tolerance`` for the 4-decimal STS-B predictions of older records);
+    every metric finite; the headline is final[headline_mode]["test"][headline_metric]."""
+    import math
+
+    problems = []
+    final, predictions = record["final"], record["predictions"]
+    try:
+        stated = final[record["headline_mode"]]["test"][record["headline_metric"]]
+    except (KeyError, TypeError):
+        return [f"final has no {record['headline_mode']}/test/{record['headline_metric']} for its headline"]
+    if record["headline"] != stated:
+        problems.append(f"headline {record['headline']!r} is not its final {record['headline_mode']}/test/"
+                        f"{record['headline_metric']} {stated!r}")
+    sizes = record.get("data_sizes") or {}
+    for mode, splits in final.items():
+        for split, metrics in splits.items():
+            numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            problems += [f"final {mode}/{split}/{k} is {v!r}, not a finite number" for k, v in numbers.items()
+                         if not math.isfinite(v)]
+            if "denoise_loss" in numbers and numbers.get("neg_denoise_loss") != -numbers["denoise_loss"]:
+                problems.append(f"final {mode}/{split}: neg_denoise_loss is not -denoise_loss")
+            items = (predictions.get(mode) or {}).get(split)
+            if items is None:
+                if set(numbers) - {"denoise_loss", "neg_denoise_loss"}:  # a metric with per-item values lacks them
+                    problems.append(f"no predictions for {mode}/{split}, so its metrics cannot be checked")
+                continue
+            counts = {key: len(values) for key, values in items.items()}
+            if len(set(counts.values())) != 1 or len(set(map(str, items.get("id", [])))) != counts.get("id"):
+                problems.append(f"predictions {mode}/{split} are not one entry per distinct id ({counts})")
+                continue
+            per_example = record["config"]["task"].get("family") != "text2image"  # text-to-image: per sample drawn
+            if per_example and split in sizes and counts["id"] != sizes[split]:
+                problems.append(f"predictions {mode}/{split} hold {counts['id']} items where the split has "
+                                f"{sizes[split]}")
+            recomputed, tolerance = recomputed_metrics(record, items)
+            for key, value in recomputed.items():
+                if key not in numbers:
+                    problems.append(f"final {mode}/{split} lacks {key}")
+                elif not abs(numbers[key] - value) <= tolerance:
+                    problems.append(f"final {mode}/{split}/{key} is {numbers[key]!r} but its predictions give "
+                                    f"{value!r} (tolerance {tolerance:.2g})")
+    return problems
+
+
+def record_problems(record: dict, path: Path, records_root: Path) -> list[str]:
+    """Everything that makes a published record unusable as evidence, apart from provenance and its config against
+    HEAD (``make check-records`` checks those): status, required keys, placement, metrics against predictions."""
+    if record.get("status") != "ok":
+        return [f"status {record.get('status')!r}; a published record must be 'ok'"]
+    missing = [key for key in REQUIRED_KEYS if key not in record]
+    if missing:
+        return [f"lacks the key(s) {missing} that every published record has"]
+    return placement_problems(record, Path(path).relative_to(records_root)) + metric_problems(record)
+
+
+def duplicate_problems(records: dict[Path, dict]) -> dict[Path, str]:
+    """Records that are the same computation as another one (equal identity config): the same seed counted twice,
+    e.g. one configuration published under two cells."""
+    first: dict[str, Path] = {}
+    problems = {}
+    for path, record in records.items():
+        key = config_hash(identity(record["config"]), 16)
+        if key in first:
+            problems[path] = f"the same configuration (seed included) as {first[key]}: one seed counted twice"
+        else:
+            first[key] = path
+    return problems
+
+
 def load_records(results_dir: str | Path, scale: str, tag: str, allow_dirty: bool | None = None,
                  variants: bool = False) -> list[RunRecord]:
     """Every published record of ``scale``/``tag`` (with ``variants``, also the cells made by extra overrides).
-    Stops with RecordError, naming the files, at a record that cannot be read, is not ok, or was made from a
+    Stops with RecordError, naming the files, at a record that cannot be read, is not ok, fails its own checks
+    (``record_problems``: keys, placement, metrics recomputed from its predictions), repeats another's
+    configuration (``duplicate_problems``), or was made from a
     tree with uncommitted changes, unless ``allow_dirty``, or the record is listed in known_stale.txt (waiting
     to be rerun), or it is a smoke-scale record (never evidence); records let through dirty get ``dirty: True``
     for the tables to list."""
     if allow_dirty is None:
         allow_dirty = scale.startswith("smoke")
     listed = known_stale(results_dir)
-    records, dirty = [], []
+    loaded = {}
     for path in record_files(results_dir, scale, tag):
         if "__" in path.parent.name and not variants:
             continue
         record = read_record(path)
-        if record.get("status") != "ok":
-            raise RecordError(f"{path} has status {record.get('status')!r}; a published record must be 'ok'")
+        problems = record_problems(record, path, Path(results_dir) / "records")
+        if problems:
+            raise RecordError(f"{path}: " + "; ".join(problems))
+        loaded[path] = record
+    duplicates = duplicate_problems(loaded)
+    if duplicates:
+        raise RecordError("; ".join(f"{path}: {problem}" for path, problem in duplicates.items()))
+    records, dirty = [], []
+    for path, record in loaded.items():
         if is_dirty(record):
             record["dirty"] = True
             if str(path.relative_to(Path(results_dir) / "records")) not in listed:

@@ -32,11 +32,11 @@ from ..io import atomic_path
 from ..merge import delta_norms
 from ..model import ResLoraModel, role_name, trainable_state
 from .methods import apply_method, eval_modes, evaluated_as
-from .records import (RecordError, RunRecord, cell_name, config_hash, differing_keys, environment, failure_path,
-                      identity, is_dirty, publish, read_record, record_path, require_provenance, shape_overrides,
-                      variant_overrides, write_record)
+from .records import (RecordError, RunRecord, cell_name, check_path_names, config_hash, differing_keys, environment,
+                      failure_path, identity, is_dirty, publish, read_record, record_path, require_provenance,
+                      shape_overrides, variant_overrides, write_record)
 from .tasks import build_task
-from .tasks.mirror import FILES_READ
+from .tasks.mirror import FILES_READ, data_differences
 from .wandb_logger import RunLogger, run_id
 
 
@@ -55,22 +55,49 @@ def get_lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # YAML's true is an int to Python
+
+
+def _number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+def mixed_precision_modes() -> list[str]:
+    """The ``train.mixed_precision`` modes this machine can run: half precision needs a GPU for fp16, and bf16 a GPU
+    that has it (or the CPU)."""
+    if not torch.cuda.is_available():
+        return ["no", "bf16"]
+    return ["no", "fp16"] + (["bf16"] if torch.cuda.is_bf16_supported() else [])
+
+
 def validate_config(cfg) -> None:
-    t = cfg.train
-    checks = [("train.lr", t.lr, t.lr > 0, "a positive number"),
-              ("train.batch_size", t.batch_size, t.batch_size >= 1, "an integer >= 1"),
-              ("train.grad_accum", t.grad_accum, t.grad_accum >= 1, "an integer >= 1"),
-              ("train.eval_every", t.eval_every, t.eval_every >= 1, "an integer >= 1"),
-              ("train.warmup_ratio", t.warmup_ratio, 0 <= t.warmup_ratio < 1, "a number in [0, 1)"),
-              ("train.weight_decay", t.weight_decay, t.weight_decay >= 0, "a number >= 0"),
+    """Every setting the loop reads, checked once before anything runs: a bad value fails naming its key, the value
+    and what is accepted (not as a numpy or torch error later, nor as a run that trains on nothing)."""
+    t, d = cfg.train, cfg.data
+    checks = [("train.lr", t.lr, _number(t.lr) and t.lr > 0, "a positive number"),
+              ("train.batch_size", t.batch_size, _integer(t.batch_size) and t.batch_size >= 1, "an integer >= 1"),
+              ("train.eval_batch_size", t.eval_batch_size, _integer(t.eval_batch_size) and t.eval_batch_size >= 1,
+               "an integer >= 1"),
+              ("train.grad_accum", t.grad_accum, _integer(t.grad_accum) and t.grad_accum >= 1, "an integer >= 1"),
+              ("train.eval_every", t.eval_every, _integer(t.eval_every) and t.eval_every >= 1, "an integer >= 1"),
+              ("train.warmup_ratio", t.warmup_ratio, _number(t.warmup_ratio) and 0 <= t.warmup_ratio < 1,
+               "a number in [0, 1)"),
+              ("train.weight_decay", t.weight_decay, _number(t.weight_decay) and t.weight_decay >= 0, "a number >= 0"),
+              ("train.max_grad_norm", t.max_grad_norm, t.max_grad_norm is None or (
+                  _number(t.max_grad_norm) and t.max_grad_norm >= 0), "a number > 0, or 0 or null for no clipping"),
               ("train.test_modes", t.test_modes, t.test_modes in ("all", "headline"),
-               "'all' (test in every eval mode) or 'headline' (in the first only)")]
+               "'all' (test in every eval mode) or 'headline' (in the first only)"),
+              ("train.mixed_precision", t.mixed_precision, t.mixed_precision in mixed_precision_modes(),
+               f"one of {mixed_precision_modes()} on this machine"),
+              ("data.max_length", d.max_length, _integer(d.max_length) and d.max_length >= 1, "an integer >= 1")]
     for name, value, ok, accepted in checks:
         if not ok:
             raise ValueError(f"{name}={value!r} is invalid; it must be {accepted}")
     for name, value in (("train.max_steps", t.max_steps), ("train.epochs", t.epochs),
-                        ("data.val_samples", cfg.data.val_samples)):
-        if value is not None and (not isinstance(value, int) or value < 1):
+                        ("train.grad_norm_every", t.grad_norm_every), ("data.max_train_samples", d.max_train_samples),
+                        ("data.max_test_samples", d.max_test_samples), ("data.val_samples", d.val_samples)):
+        if (value is not None or name == "data.val_samples") and (not _integer(value) or value < 1):
             raise ValueError(f"{name}={value!r} is invalid; it must be an integer >= 1" +
                              (" (or null)" if name != "data.val_samples" else ""))
     if not (t.max_steps or t.epochs):
@@ -128,6 +155,46 @@ def load_method_state(model, state: dict) -> None:
         tuner.peft_config[tuner.trainable_adapter_name].rank_pattern = saved["rank_pattern"]
 
 
+CHECKPOINT_KEYS = ("config", "model", "optimizer", "scheduler", "progress", "rng")
+
+
+def read_checkpoint(path: Path) -> dict | None:
+    """The checkpoint at ``path``, or None when it is damaged (unreadable, truncated, or lacking part of what a resume
+    restores): then it is moved aside to ``<name>.damaged`` and the run starts afresh, saying so; never a resume from
+    part of a state."""
+    try:
+        saved = torch.load(path, weights_only=False)
+        problem = (None if isinstance(saved, dict) and all(k in saved for k in CHECKPOINT_KEYS)
+                   and isinstance(saved["progress"], dict) and "step" in saved["progress"]
+                   else f"it holds a {type(saved).__name__} without all of {list(CHECKPOINT_KEYS)} and progress.step")
+    except Exception as error:  # a truncated or foreign file
+        problem = f"{type(error).__name__}: {error}"
+    if problem is None:
+        return saved
+    set_aside(path, problem, "damaged")
+    return None
+
+
+def set_aside(checkpoint: Path, why: str, suffix: str = "other") -> None:
+    """Move a checkpoint this run will not resume from to ``<name>.<suffix>`` and say why: the run starts afresh."""
+    aside = checkpoint.with_name(f"{checkpoint.name}.{suffix}")
+    checkpoint.replace(aside)
+    print(f"{checkpoint} is not a usable checkpoint ({why}); moved to {aside}, starting this run afresh")
+
+
+def other_computation(saved: dict, config: dict, data_files: dict, code: str | None) -> str | None:
+    """How the run that saved a checkpoint differs from this one: its config, the data it read (sha256 of the mirror
+    files) or its code (the fingerprint of the tracked code); None when it is the same computation."""
+    differ = differing_keys(identity(saved["config"]), identity(config))
+    if differ:
+        return f"with another config ({'; '.join(differ[:10])})"
+    if saved.get("data_files") != data_files:
+        return f"from other data ({'; '.join(differing_keys(saved.get('data_files') or {}, data_files)[:4])})"
+    if saved.get("code") != code:
+        return f"by other code (fingerprint {saved.get('code')}, this code's {code})"
+    return None
+
+
 def batch_stream(loader, accelerator, epoch: int, start: int):
     """Endless (epoch, position after this batch, batch), starting ``start`` batches into ``epoch``."""
     while True:
@@ -144,7 +211,9 @@ def run(cfg, overrides=(), choices: dict | None = None) -> dict:
     the same config again). The run dir is keyed by the identity hash; only an ok run publishes its record."""
     config = OmegaConf.to_container(cfg, resolve=True)
     config["num_processes"] = launched_processes()  # the launcher's, not Hydra's: part of the run's shape
-    variants = variant_overrides(overrides)
+    check_path_names({"tag": cfg.tag, "scale.name": cfg.scale.name, "task.name": cfg.task.name,
+                      "method.name": cfg.method.name, "seed": cfg.seed})  # before any path is made of them
+    variants = variant_overrides(overrides, config)
     cell = cell_name(cfg.method.name, variants + shape_overrides(config), config)
     where = (cfg.results_dir, cfg.scale.name, cfg.tag, cfg.task.name, cell, cfg.seed)
     published, failure = record_path(*where), failure_path(*where)
@@ -155,47 +224,45 @@ def run(cfg, overrides=(), choices: dict | None = None) -> dict:
     if cfg.skip_done and already_done(published, config, provenance):
         print(f"skip: {published} exists with this config")
         return {"status": "skipped", "record": str(published)}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    # One launch per run dir (its main process holds the lock for all of a distributed launch's processes).
     lock = FileLock(str(run_dir / "run.lock"))
+    logger, outcome, start, times = None, {}, time.time(), {}
+    previous_handlers = {signum: signal.signal(signum, _raise_on_signal) for signum in STOP_SIGNALS}
+    SIGNALLED.clear()
     try:
-        if int(os.environ.get("RANK", 0)) == 0:
-            lock.acquire(timeout=0)
-    except Timeout:
-        message = (f"{run_dir} is in use by another process running the same configuration ({lock.lock_file} is "
-                   "held); wait for it to finish, or stop it")
-        if cfg.continue_on_failure:
-            print(f"refused: {message}")
-            return {"status": "refused", "error": message}
-        raise RuntimeError(message) from None
-    logger = RunLogger(cfg.logger, name=f"{cfg.task.name}-{cell}-seed{cfg.seed}",
-                       group=f"{cfg.scale.name}/{cfg.tag}", config=config, run_dir=run_dir,
-                       tags=[cfg.task.name, cfg.method.name, cfg.method.get("variant", cfg.method.kind),
-                             cfg.scale.name, cfg.tag], main_process=int(os.environ.get("RANK", 0)) == 0)
-    previous_sigterm = signal.signal(signal.SIGTERM, _raise_on_sigterm)
-    start, times = time.time(), {}
-    try:
+        acquire_run_dir(lock, run_dir)
+        logger = RunLogger(cfg.logger, name=f"{cfg.task.name}-{cell}-seed{cfg.seed}",
+                           group=f"{cfg.scale.name}/{cfg.tag}", config=config, run_dir=run_dir,
+                           tags=[cfg.task.name, cfg.method.name, cfg.method.get("variant", cfg.method.kind),
+                                 cfg.scale.name, cfg.tag], main_process=int(os.environ.get("RANK", 0)) == 0)
         validate_config(cfg)
-        outcome = {"status": "ok", **train_and_evaluate(cfg, config, run_dir, times, logger)}
+        computed = train_and_evaluate(cfg, config, run_dir, times, logger, provenance["git"].get("fingerprint"))
+        for mode, splits in computed["final"].items():
+            for split, metrics in splits.items():
+                check_finite(metrics, f"{split} ({mode}) after {computed['total_steps']} steps")
+        outcome = {"status": "ok", **computed}
+        raise_if_signalled()  # a signal swallowed by library code still stops the run: never published as ok
     except BaseException as error:
-        outcome = {"status": "failed", "error": f"{type(error).__name__}: {error}",
-                   "traceback": traceback.format_exc()}
+        outcome = {"status": "refused" if isinstance(error, RunDirInUse) else "failed",
+                   "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
         if not cfg.continue_on_failure or isinstance(error, (KeyboardInterrupt, SystemExit)):
             raise
-        print(f"run failed, continuing: {outcome['error']}")
+        print(f"run {outcome['status']}, continuing: {outcome['error']}")
     finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
         wall_time = time.time() - start
         times["other"] = wall_time - sum(times.values())  # set-up, wrapping, block norms, logging
         # The record, written once: what the run is (cell, config, provenance) and what it computed (or its error).
         record: RunRecord = {
-            "status": outcome["status"], "task": cfg.task.name, "method": cfg.method.name, "cell": cell,
-            "seed": cfg.seed, "scale": cfg.scale.name, "tag": cfg.tag, "overrides": list(overrides),
+            "status": outcome.get("status", "failed"), "task": cfg.task.name, "method": cfg.method.name,
+            "cell": cell, "seed": cfg.seed, "scale": cfg.scale.name, "tag": cfg.tag, "overrides": list(overrides),
             "variant_overrides": variants, "choices": dict(choices or {}), "config": config, **provenance,
             **outcome, "time_s": times, "wall_time_s": wall_time, "peak_memory_mb": peak_memory_mb()}
         if record.get("is_main_process", int(os.environ.get("RANK", 0)) == 0):
-            write_outcome(record, run_dir, published, failure, logger)
-        logger.finish()
+            # a refused run leaves the run dir to the process that holds it
+            write_outcome(record, None if record["status"] == "refused" else run_dir, published, failure, logger)
+        if logger is not None:
+            logger.finish()
         if lock.is_locked:
             lock.release()
     return record
@@ -206,9 +273,26 @@ def launched_processes() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
+class RunDirInUse(RuntimeError):
+    """Another process runs the same configuration (it holds the run dir's lock)."""
+
+
+def acquire_run_dir(lock: FileLock, run_dir: Path) -> None:
+    """One launch per run dir (its main process holds the lock for all of a distributed launch's processes)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        if int(os.environ.get("RANK", 0)) == 0:
+            lock.acquire(timeout=0)
+    except Timeout:
+        raise RunDirInUse(f"{run_dir} is in use by another process running the same configuration ({lock.lock_file} "
+                          "is held); wait for it to finish, or stop it") from None
+
+
 def already_done(published: Path, config: dict, provenance: dict) -> bool:
-    """Whether the published record of this cell was made with this config from a clean tree (else it is rerun:
-    a clean rerun replaces a dirty record); says why when it is not."""
+    """Whether the published record of this cell is this computation: the same config, the same data (the sha256 of
+    the mirror files it read, as they are now), made from a committed tree (any commit: ``make reproduce-*`` keeps
+    the committed records) or by exactly this code (the same fingerprint). Else it is rerun, saying why (a clean
+    rerun also replaces a record made from uncommitted code)."""
     try:
         existing = read_record(published)
     except RecordError as error:
@@ -216,26 +300,44 @@ def already_done(published: Path, config: dict, provenance: dict) -> bool:
         return False
     if existing is None:
         return False
+    why = []
     differ = differing_keys(identity(existing["config"]), identity(config))
-    if differ or (is_dirty(existing) and not is_dirty(provenance)):
-        print(f"rerun: {published} was made " + (f"with another config ({'; '.join(differ[:10])})" if differ
-                                                  else "from a tree with uncommitted changes"))
-        return False
-    return True
+    if differ:
+        why.append(f"with another config ({'; '.join(differ[:10])})")
+    if is_dirty(existing):
+        made_by, this = (existing.get("git") or {}).get("fingerprint"), provenance["git"].get("fingerprint")
+        if not is_dirty(provenance) or made_by != this:
+            why.append(f"from a tree with uncommitted changes (code fingerprint {made_by}; this code's {this})")
+    changed = data_differences(existing.get("data_files") or {}, config["data"].get("mirror"))
+    if changed:
+        why.append(f"from other data ({'; '.join(changed[:4])})")
+    if why:
+        print(f"rerun: {published} was made " + " and ".join(why))
+    return not why
 
 
-def write_outcome(record: RunRecord, run_dir: Path, published: Path, failure: Path, logger: RunLogger) -> None:
+def write_outcome(record: RunRecord, run_dir: Path | None, published: Path, failure: Path,
+                  logger: RunLogger | None) -> None:
     """The run dir's copy of the record; then an ok record is published (and any earlier failure of the cell
-    removed), any other goes to results/failures/. The console's last line says which and where."""
-    with timed(record["time_s"], "writing"):  # the run-dir copy's write time; the published copy includes it
-        write_record(record, run_dir / "record.json")
+    removed), any other goes to results/failures/. The console's last line says which and where. A record that
+    cannot be written (a full disk, a read-only directory) stops with an OSError naming each path it could not
+    write."""
+    destination = published if record["status"] == "ok" else failure
+    unwritten = []
+    for path in ([run_dir / "record.json"] if run_dir else []) + [destination]:
+        try:
+            with timed(record["time_s"], "writing"):  # the run-dir copy's write time; the published copy includes it
+                (publish if path == published else write_record)(record, path)
+        except OSError as error:
+            unwritten.append(f"{path} ({error.strerror or error})")
+    if unwritten:
+        raise OSError(f"the {record['status']} run's record could not be written to " + ", ".join(unwritten) +
+                      "; free space or fix the permissions there, and rerun")
     if record["status"] == "ok":
-        publish(record, published)
         failure.unlink(missing_ok=True)
-    else:
-        write_record(record, failure)
-    logger.artifact(run_dir / "record.json", f"record-{run_id(run_dir)}")
-    print(summary_line(record, published if record["status"] == "ok" else failure))
+    if logger is not None and run_dir is not None:
+        logger.artifact(run_dir / "record.json", f"record-{run_id(run_dir)}")
+    print(summary_line(record, destination))
 
 
 def summary_line(record: dict, path: Path) -> str:
@@ -247,8 +349,31 @@ def summary_line(record: dict, path: Path) -> str:
             f"({record['headline_mode']}), {record['wall_time_s']:.0f} s; record {path}")
 
 
-def _raise_on_sigterm(signum, frame):
-    raise SystemExit(f"terminated by signal {signum}; rerun the same command to resume from the last checkpoint")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SIGNALLED: list[int] = []  # the stop signals this run received
+
+
+def _raise_on_signal(signum, frame):
+    """Stop the run (KeyboardInterrupt for Ctrl-C, SystemExit for SIGTERM), and remember the signal: library code
+    that catches every exception (``datasets`` hashes a transform under a bare ``except``) may swallow the raise,
+    and ``raise_if_signalled`` then stops the run at its next check."""
+    SIGNALLED.append(signum)
+    raise_if_signalled()
+
+
+def raise_if_signalled() -> None:
+    if SIGNALLED:
+        message = (f"stopped by signal {signal.Signals(SIGNALLED[0]).name}; rerun the same command to resume from the "
+                   "last checkpoint")
+        raise KeyboardInterrupt(message) if SIGNALLED[0] == signal.SIGINT else SystemExit(message)
+
+
+def check_finite(values: dict, where: str) -> None:
+    """A diverged run fails, naming where: a NaN or infinite loss or metric is never published as ok."""
+    bad = {k: v for k, v in values.items() if isinstance(v, float) and not math.isfinite(v)}
+    if bad:
+        raise FloatingPointError(f"{where}: {bad} is not finite; the run diverged or its predictions collapsed "
+                                 "(a lower train.lr or train.max_grad_norm may help)")
 
 
 def peak_memory_mb() -> float:
@@ -293,9 +418,11 @@ def evaluate_base(cfg, task, model, splits, accelerator, logger: RunLogger, time
             "grad_norms": [], "train_loop_s": 0.0, "final": final, "predictions": predictions, "headline": headline}
 
 
-def train_and_evaluate(cfg, config: dict, run_dir: Path, times: dict, logger: RunLogger) -> RunRecord:
+def train_and_evaluate(cfg, config: dict, run_dir: Path, times: dict, logger: RunLogger,
+                       code: str | None = None) -> RunRecord:
     """Train, select on validation, test: what the run computed (the record's fields after its identity and
-    provenance). ``times``: seconds by part, filled as the run goes (the record's ``time_s``)."""
+    provenance). ``times``: seconds by part, filled as the run goes (the record's ``time_s``); ``code``: the code's
+    fingerprint (a checkpoint saved by other code is not resumed)."""
     t = cfg.train
     torch.set_num_threads(cfg.threads)
     # The console shows the run's own progress: no per-dataset Map bars, no load report of the expected new head.
@@ -317,6 +444,7 @@ def train_and_evaluate(cfg, config: dict, run_dir: Path, times: dict, logger: Ru
     with timed(times, "data"):
         FILES_READ.clear()  # a multirun worker process runs many jobs: record this run's files only
         splits = task.datasets()
+    raise_if_signalled()  # one that arrived while datasets hashed a transform (it catches every exception)
     setup: RunRecord = {
         "is_main_process": accelerator.is_main_process, "num_processes": accelerator.num_processes,
         "effective_batch": t.batch_size * t.grad_accum * accelerator.num_processes,  # examples per optimiser step
@@ -375,16 +503,12 @@ def train_and_evaluate(cfg, config: dict, run_dir: Path, times: dict, logger: Ru
     checkpoint = run_dir / "checkpoint.pt"
     progress = {"step": 0, "epoch": 0, "position": 0, "train_loss": [], "eval": [], "grad_norms": [], "best": None}
     pending_rng = None
-    if checkpoint.is_file():
-        try:
-            saved = torch.load(checkpoint, weights_only=False)
-        except Exception as error:  # a truncated or foreign file: say which, and how to go on
-            raise ValueError(f"{checkpoint} cannot be read as a checkpoint ({type(error).__name__}: {error}); "
-                             "delete it to start this run afresh") from error
-        differ = differing_keys(identity(saved["config"]), identity(config))
-        if differ:
-            raise ValueError(f"{checkpoint} belongs to a run with another config ({'; '.join(differ[:10])}); delete "
-                             "it to start afresh")
+    saved = read_checkpoint(checkpoint) if checkpoint.is_file() else None
+    other = saved and other_computation(saved, config, setup["data_files"], code)
+    if other:  # a half-finished run is only ever continued by the same computation
+        set_aside(checkpoint, f"it was made {other}")
+        saved = None
+    if saved is not None:
         unwrapped.load_state_dict(saved["model"], strict=False)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -406,7 +530,8 @@ def train_and_evaluate(cfg, config: dict, run_dir: Path, times: dict, logger: Ru
         progress["spent_s"] = spent_s()  # a resumed run's record adds it: time_before_resume_s
         if accelerator.is_main_process:
             with atomic_path(checkpoint) as tmp:
-                torch.save({"config": config, "model": trainable_state(unwrapped),
+                torch.save({"config": config, "code": code, "data_files": setup["data_files"],
+                            "model": trainable_state(unwrapped),
                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                             "method_state": method_state(unwrapped), "progress": progress, "rng": rng_state()}, tmp)
         accelerator.wait_for_everyone()
@@ -456,6 +581,8 @@ def train_and_evaluate(cfg, config: dict, run_dir: Path, times: dict, logger: Ru
         progress["step"] += 1
         step = progress["step"]
         mean_loss = accelerator.reduce(step_loss.to(accelerator.device), "mean").item()
+        check_finite({"train loss": mean_loss}, f"step {step}")
+        raise_if_signalled()
         progress["train_loss"].append([step, mean_loss])
         rate = step_examples / (time.time() - tick)
         logger.log({"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0], "train/examples_per_s": rate}, step)
@@ -466,6 +593,7 @@ def train_and_evaluate(cfg, config: dict, run_dir: Path, times: dict, logger: Ru
         if step % t.eval_every == 0 or step == total_steps:
             metrics = evaluate(modes[0], "validation")
             metrics.pop("items", None)  # per-item predictions are kept for the test splits only
+            check_finite(metrics, f"validation at step {step}")
             progress["eval"].append({"step": step, "validation": metrics})
             logger.log({f"validation/{k}": v for k, v in metrics.items()}, step)
             if progress["best"] is None or metrics[task.headline] > progress["best"]["validation"][task.headline]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,51 +86,77 @@ def _missing(task: str, path: Path) -> FileNotFoundError:
         f"GLUE task {task!r} needs {path}, which does not exist. Provide it in one of two ways: (1) leave "
         f"DATA_MIRROR (config key data.mirror) unset to read {HUB_ID} from the Hugging Face hub (needs "
         f"internet), or (2) put the GLUE files in {path.parent}/ (train.tsv, dev.tsv as written by "
-        "download_glue_data.py) and point DATA_MIRROR at the directory that holds the task folders.")
+        "download_glue_data.py), point DATA_MIRROR at the directory that holds the task folders, and list each file "
+        "with its sha256 in that directory's manifest.json (or set data.allow_unlisted=true to read them unverified).")
 
 
-def read_mirror_split(task: str, mirror: Path, filename: str, cache_dir: str | Path | None = None) -> Dataset:
-    """One GLUE file of the mirror, verified against the mirror's manifest when it has one. ``idx`` is the
-    example's row in the file (0 = the first data row): a stable id for per-item predictions."""
+def read_mirror_split(task: str, mirror: Path, filename: str, cache_dir: str | Path | None = None,
+                      allow_unlisted: bool = False) -> Dataset:
+    """One GLUE file of the mirror, verified against the mirror's manifest (``verify_mirror_file``), refused naming
+    the file and line when it is not UTF-8, holds no examples, or a row or label the task does not accept. ``idx``
+    is the example's row in the file (0 = the first data row): a stable id for per-item predictions."""
     spec = GLUE[task]
     # The mirror holds the task folders directly or under glue_data/ (download_glue_data.py's output).
     root = Path(mirror) / "glue_data" if (Path(mirror) / "glue_data").is_dir() else Path(mirror)
     path = root / spec.folder / filename
     if not path.is_file():
         raise _missing(task, path)
-    verify_mirror_file(Path(mirror), path, cache_dir)
+    verify_mirror_file(Path(mirror), path, cache_dir, allow_unlisted)
     csv.field_size_limit(sys.maxsize)
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    rows = list(csv.reader(io.StringIO(_utf8_text(path), newline=""), delimiter="\t", quoting=csv.QUOTE_NONE))
+    if not rows:
+        raise ValueError(f"{path} is empty; restore it from its source")
     header, rows, first_line = (spec.header, rows, 1) if spec.header else (tuple(rows[0]), rows[1:], 2)
     missing = [col for col in spec.columns.values() if col not in header]
     if missing:
         raise ValueError(f"{path}: header {list(header)} lacks the column(s) {missing} that GLUE {task!r} needs")
+    if not rows:
+        raise ValueError(f"{path} holds no examples (a header only); restore it from its source")
     for line, row in enumerate(rows, start=first_line):
         if len(row) != len(header):
             raise ValueError(f"{path}, line {line}: {len(row)} fields where the header has {len(header)}; the file "
                              "is truncated or malformed (compare it with the mirror's manifest.json)")
     index = {name: header.index(col) for name, col in spec.columns.items()}
     data = {name: [row[i] for row in rows] for name, i in index.items()}
-    try:
-        if spec.labels:
-            data["label"] = [spec.labels[v] for v in data["label"]]
-        else:
-            data["label"] = [(float if spec.num_labels == 1 else int)(v) for v in data["label"]]
-    except (KeyError, ValueError) as error:
-        bad = next(i for i, v in enumerate(data["label"]) if not _valid_label(spec, v))
-        raise ValueError(f"{path}, line {bad + first_line}: label {data['label'][bad]!r} is not one of the "
-                         f"accepted values ({sorted(spec.labels) if spec.labels else 'a number'})") from error
+    for line, value in enumerate(data["label"], start=first_line):
+        if not _valid_label(spec, value):
+            raise ValueError(f"{path}, line {line}: label {value!r} is not one of the accepted values "
+                             f"({_accepted_labels(spec)})")
+    if spec.labels:
+        data["label"] = [spec.labels[v] for v in data["label"]]
+    else:
+        data["label"] = [(float if spec.num_labels == 1 else int)(v) for v in data["label"]]
     data["idx"] = list(range(len(rows)))
     return Dataset.from_dict(data)
 
 
+def _utf8_text(path: Path) -> str:
+    """The file's text (a leading BOM dropped, as the GLUE script writes MRPC); a file that is not UTF-8 is
+    refused naming the line of the first bad byte."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise ValueError(f"{path}, line {line}: not UTF-8 ({error.reason} at byte {error.start}); GLUE files are "
+                         "UTF-8: restore it from its source") from None
+
+
+def _accepted_labels(spec: GlueSpec) -> str:
+    if spec.labels:
+        return str(sorted(spec.labels))
+    return "a finite number" if spec.num_labels == 1 else str([str(i) for i in range(spec.num_labels)])
+
+
 def _valid_label(spec: GlueSpec, value: str) -> bool:
+    """Whether ``value`` (as the file holds it) is one of the task's labels: a listed text, a class id below
+    ``num_labels``, or (STS-B) a finite score."""
     if spec.labels:
         return value in spec.labels
+    if spec.num_labels > 1:
+        return value in [str(i) for i in range(spec.num_labels)]
     try:
-        (float if spec.num_labels == 1 else int)(value)
-        return True
+        return math.isfinite(float(value))
     except ValueError:
         return False
 
@@ -160,7 +188,8 @@ class GlueTask:
         spec = self.spec
         if mirror:
             filename = {"train": "train.tsv", "dev": spec.dev}.get(which) or spec.extra_test[1]
-            return read_mirror_split(self.name, Path(mirror), filename, self.data_cfg.cache_dir)
+            return read_mirror_split(self.name, Path(mirror), filename, self.data_cfg.cache_dir,
+                                     self.data_cfg.allow_unlisted)
         split = {"train": "train", "dev": spec.dev_hub}.get(which) or spec.extra_test[2]
         try:
             return load_dataset(HUB_ID, self.name, split=split)

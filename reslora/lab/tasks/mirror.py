@@ -1,5 +1,6 @@
 """The local data mirror: each file read is checked against the mirror's ``manifest.json`` (sha256, as
-``../shared/data`` has it), once per file version (the hash is cached by path, size and mtime)."""
+``../shared/data`` has it), once per file version (the hash is cached by path, size, mtime, ctime and inode); a
+file it does not list is refused unless ``data.allow_unlisted``."""
 
 from __future__ import annotations
 
@@ -21,17 +22,25 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify_mirror_file(mirror: Path, path: Path, cache_dir: str | Path | None = None) -> None:
-    """Refuse ``path`` when the mirror's manifest lists it with another sha256 (naming the file and both
-    hashes). A mirror without a manifest, or a file it does not list, is read unverified (and recorded so)."""
+def verify_mirror_file(mirror: Path, path: Path, cache_dir: str | Path | None = None,
+                       allow_unlisted: bool = False) -> None:
+    """Refuse ``path`` when the mirror's manifest lists it with another sha256 (naming the file and both hashes),
+    and when the manifest does not list it (or the mirror has none) unless ``allow_unlisted`` (config key
+    ``data.allow_unlisted``): then it is read unverified, and recorded so. The hash is cached per file version,
+    keyed on the inode and ctime too: ``cp -p`` or ``tar x`` can restore a file's mtime, never its ctime."""
     manifest_path = Path(mirror) / "manifest.json"
-    relative = str(Path(path).resolve().relative_to(Path(mirror).resolve())) if manifest_path.is_file() else None
-    entry = json.loads(manifest_path.read_text()).get(relative) if relative else None
+    relative = str(Path(path).resolve().relative_to(Path(mirror).resolve()))
+    entry = json.loads(manifest_path.read_text()).get(relative) if manifest_path.is_file() else None
     if entry is None or "sha256" not in entry:
+        if not allow_unlisted:
+            raise ValueError(f"{path} is not listed in {manifest_path}" + ("" if manifest_path.is_file() else
+                             " (the mirror has no manifest)") + ", so it cannot be verified: add it there with its "
+                             "sha256 and bytes, or set data.allow_unlisted=true to read it unverified (the record "
+                             "then says verified: false)")
         FILES_READ[str(path)] = {"verified": False}
         return
     stat = Path(path).stat()
-    key = f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    key = f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{stat.st_ino}"
     cache = Path(cache_dir or ".cache") / "mirror_sha256.json"
     with exclusive(cache):
         known = json.loads(cache.read_text()) if cache.is_file() else {}
@@ -44,3 +53,18 @@ def verify_mirror_file(mirror: Path, path: Path, cache_dir: str | Path | None = 
                          f"{entry['sha256']} ({stat.st_size} bytes, manifest {entry.get('bytes')}); the file is "
                          "truncated or altered: restore it from its source")
     FILES_READ[relative] = {"verified": True, "sha256": digest, "examples": entry.get("examples")}
+
+
+def data_differences(files_read: dict, mirror: str | Path | None) -> list[str]:
+    """How the mirror files a record was made from (its ``data_files``) differ from those files in ``mirror`` now:
+    one line per file that was read unverified, is gone, or has another sha256 (empty: the same data)."""
+    changed = []
+    for name, read in files_read.items():
+        path = Path(mirror or "") / name
+        if not read.get("verified"):
+            changed.append(f"{name} was read unverified")
+        elif not mirror or not path.is_file():
+            changed.append(f"{name} is not in the mirror {mirror}")
+        elif (digest := _sha256(path)) != read["sha256"]:
+            changed.append(f"{name}: sha256 {read['sha256'][:12]}... then, {digest[:12]}... now")
+    return changed

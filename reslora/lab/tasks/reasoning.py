@@ -139,8 +139,8 @@ def _read(path: Path) -> list[dict]:
     return [{**item, "_row": i} for i, item in enumerate(items)]
 
 
-def mirror_splits(task: str, mirror: Path, split_seed: int, cache_dir: str | Path | None = None
-                  ) -> tuple[dict[str, list[dict]], str]:
+def mirror_splits(task: str, mirror: Path, split_seed: int, cache_dir: str | Path | None = None,
+                  allow_unlisted: bool = False) -> tuple[dict[str, list[dict]], str]:
     """Raw items per split ('train', 'test', and for MathQA 'validation') from the mirror, and a note."""
     if task not in MIRROR_FILES:
         raise FileNotFoundError(
@@ -151,7 +151,7 @@ def mirror_splits(task: str, mirror: Path, split_seed: int, cache_dir: str | Pat
         if not path.is_file():
             raise FileNotFoundError(f"task {task!r} needs {path}, which does not exist: put the file there or leave "
                                     f"DATA_MIRROR unset to read {HUB[task][0]} from the hub")
-        verify_mirror_file(Path(mirror), path, cache_dir)
+        verify_mirror_file(Path(mirror), path, cache_dir, allow_unlisted)
     if task == "gsm8k":
         return {"train": _read(files["train"]), "test": _read(files["test"])}, "official train/test"
     if task == "svamp":
@@ -209,11 +209,12 @@ class ReasoningTask:
     def examples(self) -> tuple[dict[str, list[Example]], str]:
         cfg = self.data_cfg
         if cfg.mirror:
-            raw, note = mirror_splits(self.name, Path(cfg.mirror), cfg.split_seed, cfg.cache_dir)
+            raw, note = mirror_splits(self.name, Path(cfg.mirror), cfg.split_seed, cfg.cache_dir, cfg.allow_unlisted)
         else:
             raw, note = hub_splits(self.name), "hub splits"
         if self.name == "metamathqa":  # the authors score MetaMathQA training on the GSM8K test set
-            raw["test"] = (mirror_splits("gsm8k", Path(cfg.mirror), cfg.split_seed, cfg.cache_dir)[0] if cfg.mirror
+            raw["test"] = (mirror_splits("gsm8k", Path(cfg.mirror), cfg.split_seed, cfg.cache_dir,
+                                         cfg.allow_unlisted)[0] if cfg.mirror
                            else hub_splits("gsm8k"))["test"]
         fmt = FORMATS[self.name]
         train = [replace(fmt(item), id=item["_row"]) for item in raw["train"]]
