@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
+import os
 import time
 from pathlib import Path
 
@@ -41,3 +43,12 @@ def test_parallel_runs_build_a_cache_entry_once(tmp_path):
         w.join(timeout=60)
     assert [w.exitcode for w in workers] == [0, 0, 0]
     assert log.read_text() == "built\n" and entry.read_text() == "model"
+
+
+def test_a_write_that_fails_names_the_path_it_could_not_write(tmp_path):
+    target = tmp_path / "records" / "seed0.json"
+    with pytest.raises(OSError, match=f"could not write {target}: No space left on device") as raised:
+        with atomic_path(target):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert raised.value.errno == errno.ENOSPC
+    assert not target.exists() and list(target.parent.iterdir()) == []  # no temporary file left behind

@@ -18,7 +18,8 @@ needs_data = pytest.mark.skipif(not MIRROR, reason="set DATA_MIRROR to the local
 
 def task(name, **data):
     data = {"mirror": str(Path(MIRROR).resolve()) if MIRROR else None, "split_seed": 0, "val_samples": 50,
-            "max_train_samples": None, "max_test_samples": None, "max_length": 256, "cache_dir": ".cache", **data}
+            "max_train_samples": None, "max_test_samples": None, "max_length": 256, "cache_dir": ".cache",
+            "allow_unlisted": False, **data}
     return ReasoningTask(OmegaConf.create({"name": name, "max_new_tokens": 8}), OmegaConf.create(data), seed=0)
 
 
