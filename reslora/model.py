@@ -227,6 +227,8 @@ class ResLoraModel(nn.Module):
             self._inject(config)
             self._unfreeze_modules_to_save(config.modules_to_save)
             self.chains = self._build_chains(config)
+            # before any split found at run time: what the chains of an adapter loaded here must be pieces of
+            self._built_chains = [list(chain.names) for chain in self.chains]
         except BaseException:
             self.unload()
             raise
@@ -607,6 +609,18 @@ class ResLoraModel(nn.Module):
         self._restore_chain_splits(saved_chains)
 
     def _restore_chain_splits(self, saved_chains: list[list[str]]) -> None:
+        """Split the chains where the saved adapter's were split at run time. Refused when a saved chain is not a
+        piece of a chain built here (an older adapter whose chains join an encoder to its decoder, which chain apart
+        now): the adapter would run as another model than the one trained."""
+        built = {name: names for names in self._built_chains for name in names}
+        for names in saved_chains:
+            chain = built.get(names[0], [])
+            start = chain.index(names[0]) if chain else 0
+            if chain[start:start + len(names)] != names:
+                raise ValueError(f"the saved adapter's chain {names} is not a piece of the chain built here for "
+                                 f"{names[0]!r} ({chain or 'none: no such target layer'}): the adapter was trained "
+                                 "with other chains (an older version's chain rule, which could join an encoder to "
+                                 "its decoder), so it would run as another model than the one trained")
         heads = {names[0] for names in saved_chains}
         for chain in list(self.chains):
             for name, layer in list(zip(chain.names, chain.layers))[1:]:
