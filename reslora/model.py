@@ -22,7 +22,7 @@ from torch import nn
 from .config import CONFIG_NAME, LEGACY_CONFIG_NAME, ResLoraConfig, read_adapter_config
 from .io import atomic_path, write_json
 from .layers import ForwardSlot, ForwardState, ResLoraLinear, is_conv1d
-from .merge import INFERRED
+from .merge import INFERRED, SEQ_CLS_HEADS
 
 log = logging.getLogger("reslora")
 
@@ -34,7 +34,6 @@ EXTRA_STATE = "_extra_state"
 CHAINS_NAME = "chains.json"  # older adapters only: the chains are now in adapter_config.json
 LS_SOLUTION = "ls_solution"  # the merge_ls fit of a block, saved with the adapter
 ALL_LINEAR = "all-linear"  # target_modules shorthand, as in PEFT
-SEQ_CLS_HEADS = ("score", "classifier")  # what PEFT's all-linear leaves out of a classifier (its head)
 # PEFT's task types by the class-name suffix of a transformers model
 TASK_TYPES = {"ForSequenceClassification": "SEQ_CLS", "ForCausalLM": "CAUSAL_LM", "ForTokenClassification": "TOKEN_CLS",
               "ForQuestionAnswering": "QUESTION_ANS", "ForConditionalGeneration": "SEQ_2_SEQ_LM"}
