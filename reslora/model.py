@@ -22,7 +22,7 @@ from torch import nn
 from .config import CONFIG_NAME, LEGACY_CONFIG_NAME, ResLoraConfig, read_adapter_config
 from .io import atomic_path, write_json
 from .layers import ForwardSlot, ForwardState, ResLoraLinear, is_conv1d
-from .merge import INFERRED, SEQ_CLS_HEADS
+from .merge import INFERRED, SEQ_CLS_HEADS, check_not_merged, export_peft_adapter, fit_merge_ls, merged_weights
 
 log = logging.getLogger("reslora")
 
@@ -376,8 +376,6 @@ class ResLoraModel(nn.Module):
     def calibrate(self, batches) -> None:
         """Fill the merge statistics from forwards on ``batches`` (dicts of keyword arguments or tensors),
         e.g. for a model trained elsewhere. Use training data, never the evaluation set."""
-        from .merge import check_not_merged
-
         check_not_merged(self, "calibrate")
         self._slot.calibrating = True
         try:
@@ -388,8 +386,6 @@ class ResLoraModel(nn.Module):
 
     def fit_merge_ls(self, batches, ridge: float = 1e-4) -> None:
         """Fit the least-squares merge (``merge_ls``) on calibration batches of training data."""
-        from .merge import fit_merge_ls
-
         fit_merge_ls(self, batches, ridge)
 
     # ---- inspection ---------------------------------------------------------------------------------
@@ -412,8 +408,6 @@ class ResLoraModel(nn.Module):
     def disable_adapters(self) -> None:
         """Switch the adapter off until ``enable_adapters()``: the model computes the base model's outputs and
         records no merge statistics."""
-        from .merge import check_not_merged
-
         check_not_merged(self, "disable the adapter")
         for layer in self.named_reslora_layers().values():
             layer.disabled = True
@@ -450,8 +444,6 @@ class ResLoraModel(nn.Module):
             with model.merged("merge_bi"):
                 metrics = evaluate(model)
         """
-        from .merge import merged_weights
-
         if any(layer.disabled for layer in self.named_reslora_layers().values()):
             raise RuntimeError("cannot merge in place while the adapter is disabled (disable_adapters() or inside "
                                "`with model.disable_adapter():`): enable it first, or evaluate the base model as it is")
@@ -470,8 +462,6 @@ class ResLoraModel(nn.Module):
     def merge_and_unload(self, mode: str = "merge_bi") -> nn.Module:
         """A new model of the base model's own classes with every target weight replaced by its merged W*
         (``plain``, ``merge_bi``, ``merge_bw``; see merge.py). This model is left untouched."""
-        from .merge import merged_weights
-
         replacements = {}
         for layer, weight in merged_weights(self, mode).items():
             linear = copy.deepcopy(layer.base_layer)
@@ -498,8 +488,6 @@ class ResLoraModel(nn.Module):
         """Write the merged model as an ordinary HF PEFT LoRA adapter (``PeftModel.from_pretrained``). ``task_type``
         overrides PEFT's task type (the adapter's by default; None: none), e.g. for a model whose PEFT class
         differs from the one its class name suggests."""
-        from .merge import export_peft_adapter
-
         export_peft_adapter(self, directory, mode, task_type)
 
     # ---- save / load --------------------------------------------------------------------------------
