@@ -116,13 +116,13 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
-def all_linear_targets(base_model: nn.Module, task_type: str | None) -> list[str]:
-    """PEFT's ``target_modules="all-linear"``: every linear layer but the output layer, which is the output
-    embeddings of a transformers model, or the head (``score``, ``classifier``) of a sequence classifier."""
+def all_linear_targets(base_model: nn.Module, task_type: str | None) -> list[tuple[str, nn.Module]]:
+    """PEFT's ``target_modules="all-linear"``, as (name, module): every linear layer but the output layer, which is
+    the output embeddings of a transformers model, or the head (``score``, ``classifier``) of a sequence classifier."""
     output = getattr(base_model, "get_output_embeddings", lambda: None)()
     if output is None and task_type == "SEQ_CLS":
         output = next((getattr(base_model, name) for name in SEQ_CLS_HEADS if hasattr(base_model, name)), None)
-    return [n for n, m in base_model.named_modules() if n and is_linear(m) and m is not output]
+    return [(n, m) for n, m in base_model.named_modules() if n and is_linear(m) and m is not output]
 
 
 def chain_group(module_name: str, layer_order: list[str]) -> str:
@@ -262,8 +262,7 @@ class ResLoraModel(nn.Module):
     # ---- construction -------------------------------------------------------------------------------
     def _inject(self, config: ResLoraConfig) -> None:
         if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
-            chosen = set(all_linear_targets(self.base_model, self.reslora_config.task_type))
-            targets = [(n, m) for n, m in self.base_model.named_modules() if n in chosen]
+            targets = all_linear_targets(self.base_model, self.reslora_config.task_type)
         else:
             targets = [(n, m) for n, m in self.base_model.named_modules() if n and matches(n, config.target_modules)]
         if not targets:
