@@ -102,8 +102,9 @@ def matches(name: str, patterns: list[str] | str) -> bool:
 
 
 def target_name(module_name: str) -> str:
-    """The name a chain is grouped by: the last non-numeric component and what follows it
-    (``...layer.3.attention.self.query`` -> ``query``, ``...attn1.to_out.0`` -> ``to_out.0``)."""
+    """A layer's own name, what ``target_modules`` would call it: the last non-numeric component and what follows
+    it (``...layer.3.attention.self.query`` -> ``query``, ``...attn1.to_out.0`` -> ``to_out.0``). Chains are grouped
+    by ``chain_group``, not by this name (the encoder's and the decoder's ``q`` share it)."""
     parts = module_name.split(".")
     i = len(parts) - 1
     while i > 0 and parts[i].isdigit():
