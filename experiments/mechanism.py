@@ -48,7 +48,7 @@ from reslora import ResLoraConfig, get_reslora_model  # noqa: E402
 from reslora.io import atomic_path, write_json  # noqa: E402
 from reslora.lab.records import load_records  # noqa: E402
 from reslora.lab.report import label, task_name, update_size_frame  # noqa: E402
-from reslora.model import role_name  # noqa: E402
+from reslora.model import chain_group, role_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GLUE_TASKS = ("cola", "sst2", "mrpc", "rte", "stsb")  # the GLUE tasks mirrored offline (Table 2 at cpu scale)
@@ -179,19 +179,21 @@ def predict(layers: list[dict], pre_num: dict) -> dict:
 
 
 # ---- what the records measured ---------------------------------------------------------------------------------
-def chains_of_records(block_norms: dict) -> list[list[str]]:
-    """The record's target layers grouped by role, in the order the record lists them (the order they run)."""
+def chains_of_records(block_norms: dict, layer_order: list[str]) -> list[list[str]]:
+    """The record's target layers grouped by the library's chain rule (``chain_group``), in the order the record
+    lists them (the order they run). A record holds no shapes: the models measured here keep one (in, out) shape
+    per group, so no chain of theirs splits where the shape changes."""
     groups: dict = {}
     for name in block_norms:
-        groups.setdefault(role_name(name), []).append(name)
+        groups.setdefault(chain_group(name, layer_order), []).append(name)
     return list(groups.values())
 
 
-def update_cosine(block_norms: dict) -> float:
+def update_cosine(block_norms: dict, layer_order: list[str]) -> float:
     """bs with pre_num 1: the mean cosine between consecutive blocks' own updates, from
     ||ΔW_n + ΔW_{n-1}||^2 = ||ΔW_n||^2 + ||ΔW_{n-1}||^2 + 2 cos ||ΔW_n|| ||ΔW_{n-1}|| (0: uncorrelated, 1: aligned)."""
     values = []
-    for chain in chains_of_records(block_norms):
+    for chain in chains_of_records(block_norms, layer_order):
         for before, name in zip(chain, chain[1:]):
             own, prev, merged = block_norms[name]["own"], block_norms[before]["own"], block_norms[name]["merged"]
             values.append((merged ** 2 - own ** 2 - prev ** 2) / (2 * own * prev))
@@ -221,7 +223,8 @@ def measured(records: list[dict], task: str, pre_num: dict) -> dict:
             "own_ratio": float(np.mean([mean_norm(r, "own") / mean_norm(lora[r["seed"]], "own") for r in mine])),
             "per_layer_factor": per_layer}
         if variant == "bs" and pre_num["bs"] == 1:
-            out[variant]["update_cosine"] = float(np.mean([update_cosine(r["block_norms"]) for r in mine]))
+            out[variant]["update_cosine"] = float(np.mean([
+                update_cosine(r["block_norms"], r["config"]["model"].get("layer_order", [])) for r in mine]))
     return out
 
 

@@ -70,8 +70,9 @@ class ResLoraConfig:
             raise ValueError(f"pre_num={self.pre_num!r} must be -1 (all previous blocks) or an integer >= 0")
         if not isinstance(self.window, int) or self.window <= 0:
             raise ValueError(f"window={self.window!r} must be a positive integer")
-        if not isinstance(self.autocast_adapter_dtype, bool):
-            raise ValueError(f"autocast_adapter_dtype={self.autocast_adapter_dtype!r} must be True or False")
+        for name in ("autocast_adapter_dtype", "detach_shortcut"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = list(self.target_modules)
             if not self.target_modules:
@@ -80,8 +81,6 @@ class ResLoraConfig:
             raise ValueError(f"target_modules={self.target_modules!r} must be a list of names or a regex string")
         self.modules_to_save = list(self.modules_to_save or [])
         self.layer_order = list(self.layer_order or [])
-        if not isinstance(self.detach_shortcut, bool):
-            raise ValueError(f"detach_shortcut={self.detach_shortcut!r} must be True or False")
         if not all(isinstance(p, str) and p for p in self.layer_order):
             raise ValueError(f"layer_order={self.layer_order!r} must be a list of module-name prefixes")
 

@@ -26,7 +26,9 @@ def atomic_path(path: str | Path):
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make results private to their writer
         os.replace(tmp, path)
     except OSError as error:
-        raise OSError(error.errno, f"could not write {path}: {error.strerror or error}") from error
+        message = f"could not write {path}: {error.strerror or error}"
+        # with an errno, OSError(errno, message) keeps the error's class (PermissionError, ...); without, "[Errno None]"
+        raise (OSError(message) if error.errno is None else OSError(error.errno, message)) from error
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)

@@ -169,11 +169,10 @@ class ResLoraLinear(nn.Module):
         if self.variant == "is":
             state.saved[self] = x
             x_prev = self._saved_of_previous(state, x)
-            if x_prev is None:  # first block of a chain: x_{n-1} := x_n (its own input, not a shortcut)
-                x_prev = x
-            else:
-                x_prev = self._shortcut(x_prev)
-            branch = F.linear(self.lora_dropout(x.to(dtype) + x_prev.to(dtype)), self.lora_A)
+            x_n = x.to(dtype)
+            # first block of a chain: x_{n-1} := x_n (its own input, not a shortcut)
+            x_prev = x_n if x_prev is None else self._shortcut(x_prev).to(dtype)
+            branch = F.linear(self.lora_dropout(x_n + x_prev), self.lora_A)
             self._record(state, x)
         else:  # ms
             ax = F.linear(self.lora_dropout(x.to(dtype)), self.lora_A)

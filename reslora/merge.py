@@ -42,6 +42,8 @@ from .layers import ResLoraLinear
 
 MERGE_MODES = ("plain", "merge_bi", "merge_bw", "merge_ls")
 INFERRED = "inferred"  # export_peft_adapter's default task type: the adapter's own (given, or read off the base class)
+# A sequence classifier's head as PEFT names it for SEQ_CLS: "all-linear" leaves it out, an exported adapter keeps it
+SEQ_CLS_HEADS = ("score", "classifier")
 
 
 def _check_mode(mode: str) -> None:
@@ -222,7 +224,7 @@ def export_peft_adapter(model, directory: str | Path, mode: str, task_type: str 
             alpha_pattern[name] = layer.scaling * A.shape[0]
     # PEFT keeps a sequence classifier's head with the adapter for SEQ_CLS, trained or not: every module whose name
     # ends with "classifier" or "score" (its rule: DistilBERT's pre_classifier too), with all its parameters
-    heads = ("classifier", "score") if task_type == "SEQ_CLS" else ()
+    heads = SEQ_CLS_HEADS if task_type == "SEQ_CLS" else ()
 
     def in_head(name: str) -> bool:
         parts = name.split(".")

@@ -22,7 +22,7 @@ from torch import nn
 from .config import CONFIG_NAME, LEGACY_CONFIG_NAME, ResLoraConfig, read_adapter_config
 from .io import atomic_path, write_json
 from .layers import ForwardSlot, ForwardState, ResLoraLinear, is_conv1d
-from .merge import INFERRED
+from .merge import INFERRED, SEQ_CLS_HEADS, check_not_merged, export_peft_adapter, fit_merge_ls, merged_weights
 
 log = logging.getLogger("reslora")
 
@@ -34,7 +34,6 @@ EXTRA_STATE = "_extra_state"
 CHAINS_NAME = "chains.json"  # older adapters only: the chains are now in adapter_config.json
 LS_SOLUTION = "ls_solution"  # the merge_ls fit of a block, saved with the adapter
 ALL_LINEAR = "all-linear"  # target_modules shorthand, as in PEFT
-SEQ_CLS_HEADS = ("score", "classifier")  # what PEFT's all-linear leaves out of a classifier (its head)
 # PEFT's task types by the class-name suffix of a transformers model
 TASK_TYPES = {"ForSequenceClassification": "SEQ_CLS", "ForCausalLM": "CAUSAL_LM", "ForTokenClassification": "TOKEN_CLS",
               "ForQuestionAnswering": "QUESTION_ANS", "ForConditionalGeneration": "SEQ_2_SEQ_LM"}
@@ -103,8 +102,9 @@ def matches(name: str, patterns: list[str] | str) -> bool:
 
 
 def target_name(module_name: str) -> str:
-    """The name a chain is grouped by: the last non-numeric component and what follows it
-    (``...layer.3.attention.self.query`` -> ``query``, ``...attn1.to_out.0`` -> ``to_out.0``)."""
+    """A layer's own name, what ``target_modules`` would call it: the last non-numeric component and what follows
+    it (``...layer.3.attention.self.query`` -> ``query``, ``...attn1.to_out.0`` -> ``to_out.0``). Chains are grouped
+    by ``chain_group``, not by this name (the encoder's and the decoder's ``q`` share it)."""
     parts = module_name.split(".")
     i = len(parts) - 1
     while i > 0 and parts[i].isdigit():
@@ -117,13 +117,13 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
-def all_linear_targets(base_model: nn.Module, task_type: str | None) -> list[str]:
-    """PEFT's ``target_modules="all-linear"``: every linear layer but the output layer, which is the output
-    embeddings of a transformers model, or the head (``score``, ``classifier``) of a sequence classifier."""
+def all_linear_targets(base_model: nn.Module, task_type: str | None) -> list[tuple[str, nn.Module]]:
+    """PEFT's ``target_modules="all-linear"``, as (name, module): every linear layer but the output layer, which is
+    the output embeddings of a transformers model, or the head (``score``, ``classifier``) of a sequence classifier."""
     output = getattr(base_model, "get_output_embeddings", lambda: None)()
     if output is None and task_type == "SEQ_CLS":
         output = next((getattr(base_model, name) for name in SEQ_CLS_HEADS if hasattr(base_model, name)), None)
-    return [n for n, m in base_model.named_modules() if n and is_linear(m) and m is not output]
+    return [(n, m) for n, m in base_model.named_modules() if n and is_linear(m) and m is not output]
 
 
 def chain_group(module_name: str, layer_order: list[str]) -> str:
@@ -227,6 +227,8 @@ class ResLoraModel(nn.Module):
             self._inject(config)
             self._unfreeze_modules_to_save(config.modules_to_save)
             self.chains = self._build_chains(config)
+            # before any split found at run time: what the chains of an adapter loaded here must be pieces of
+            self._built_chains = [list(chain.names) for chain in self.chains]
         except BaseException:
             self.unload()
             raise
@@ -261,8 +263,7 @@ class ResLoraModel(nn.Module):
     # ---- construction -------------------------------------------------------------------------------
     def _inject(self, config: ResLoraConfig) -> None:
         if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
-            chosen = set(all_linear_targets(self.base_model, self.reslora_config.task_type))
-            targets = [(n, m) for n, m in self.base_model.named_modules() if n in chosen]
+            targets = all_linear_targets(self.base_model, self.reslora_config.task_type)
         else:
             targets = [(n, m) for n, m in self.base_model.named_modules() if n and matches(n, config.target_modules)]
         if not targets:
@@ -375,8 +376,6 @@ class ResLoraModel(nn.Module):
     def calibrate(self, batches) -> None:
         """Fill the merge statistics from forwards on ``batches`` (dicts of keyword arguments or tensors),
         e.g. for a model trained elsewhere. Use training data, never the evaluation set."""
-        from .merge import check_not_merged
-
         check_not_merged(self, "calibrate")
         self._slot.calibrating = True
         try:
@@ -387,8 +386,6 @@ class ResLoraModel(nn.Module):
 
     def fit_merge_ls(self, batches, ridge: float = 1e-4) -> None:
         """Fit the least-squares merge (``merge_ls``) on calibration batches of training data."""
-        from .merge import fit_merge_ls
-
         fit_merge_ls(self, batches, ridge)
 
     # ---- inspection ---------------------------------------------------------------------------------
@@ -411,8 +408,6 @@ class ResLoraModel(nn.Module):
     def disable_adapters(self) -> None:
         """Switch the adapter off until ``enable_adapters()``: the model computes the base model's outputs and
         records no merge statistics."""
-        from .merge import check_not_merged
-
         check_not_merged(self, "disable the adapter")
         for layer in self.named_reslora_layers().values():
             layer.disabled = True
@@ -449,8 +444,6 @@ class ResLoraModel(nn.Module):
             with model.merged("merge_bi"):
                 metrics = evaluate(model)
         """
-        from .merge import merged_weights
-
         if any(layer.disabled for layer in self.named_reslora_layers().values()):
             raise RuntimeError("cannot merge in place while the adapter is disabled (disable_adapters() or inside "
                                "`with model.disable_adapter():`): enable it first, or evaluate the base model as it is")
@@ -469,8 +462,6 @@ class ResLoraModel(nn.Module):
     def merge_and_unload(self, mode: str = "merge_bi") -> nn.Module:
         """A new model of the base model's own classes with every target weight replaced by its merged W*
         (``plain``, ``merge_bi``, ``merge_bw``; see merge.py). This model is left untouched."""
-        from .merge import merged_weights
-
         replacements = {}
         for layer, weight in merged_weights(self, mode).items():
             linear = copy.deepcopy(layer.base_layer)
@@ -497,8 +488,6 @@ class ResLoraModel(nn.Module):
         """Write the merged model as an ordinary HF PEFT LoRA adapter (``PeftModel.from_pretrained``). ``task_type``
         overrides PEFT's task type (the adapter's by default; None: none), e.g. for a model whose PEFT class
         differs from the one its class name suggests."""
-        from .merge import export_peft_adapter
-
         export_peft_adapter(self, directory, mode, task_type)
 
     # ---- save / load --------------------------------------------------------------------------------
@@ -607,6 +596,18 @@ class ResLoraModel(nn.Module):
         self._restore_chain_splits(saved_chains)
 
     def _restore_chain_splits(self, saved_chains: list[list[str]]) -> None:
+        """Split the chains where the saved adapter's were split at run time. Refused when a saved chain is not a
+        piece of a chain built here (an older adapter whose chains join an encoder to its decoder, which chain apart
+        now): the adapter would run as another model than the one trained."""
+        built = {name: names for names in self._built_chains for name in names}
+        for names in saved_chains:
+            chain = built.get(names[0], [])
+            start = chain.index(names[0]) if chain else 0
+            if chain[start:start + len(names)] != names:
+                raise ValueError(f"the saved adapter's chain {names} is not a piece of the chain built here for "
+                                 f"{names[0]!r} ({chain or 'none: no such target layer'}): the adapter was trained "
+                                 "with other chains (an older version's chain rule, which could join an encoder to "
+                                 "its decoder), so it would run as another model than the one trained")
         heads = {names[0] for names in saved_chains}
         for chain in list(self.chains):
             for name, layer in list(zip(chain.names, chain.layers))[1:]:

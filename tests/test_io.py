@@ -52,3 +52,18 @@ def test_a_write_that_fails_names_the_path_it_could_not_write(tmp_path):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     assert raised.value.errno == errno.ENOSPC
     assert not target.exists() and list(target.parent.iterdir()) == []  # no temporary file left behind
+
+
+def test_a_write_that_fails_without_an_errno_names_the_path(tmp_path):
+    target = tmp_path / "seed0.json"
+    with pytest.raises(OSError) as raised:
+        with atomic_path(target):
+            raise OSError("the mount went away")
+    assert str(raised.value) == f"could not write {target}: the mount went away" and raised.value.errno is None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_write_refused_keeps_its_error_class(tmp_path):
+    with pytest.raises(PermissionError, match=f"could not write {tmp_path / 'seed0.json'}: Permission denied"):
+        with atomic_path(tmp_path / "seed0.json"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))

@@ -70,8 +70,14 @@ def test_update_cosine_of_orthogonal_and_equal_updates():
     # merged_n = |own_n + own_{n-1}|: orthogonal blocks give sqrt(a^2 + b^2), equal ones a + b
     orthogonal = {"x.0.proj": {"own": 3.0, "merged": 3.0}, "x.1.proj": {"own": 4.0, "merged": 5.0}}
     aligned = {"x.0.proj": {"own": 3.0, "merged": 3.0}, "x.1.proj": {"own": 4.0, "merged": 7.0}}
-    assert mechanism.update_cosine(orthogonal) == pytest.approx(0.0)
-    assert mechanism.update_cosine(aligned) == pytest.approx(1.0)
+    assert mechanism.update_cosine(orthogonal, []) == pytest.approx(0.0)
+    assert mechanism.update_cosine(aligned, []) == pytest.approx(1.0)
+
+
+def test_chains_of_records_follow_the_library_chain_rule():
+    """An encoder's and a decoder's layer of the same name chain apart, as the library chains them."""
+    names = [f"{stack}.block.{i}.layer.0.SelfAttention.q" for stack in ("encoder", "decoder") for i in range(2)]
+    assert mechanism.chains_of_records(dict.fromkeys(names), []) == [names[:2], names[2:]]
 
 
 def test_own_ratio_from_controls_interpolates_in_log_scale():

@@ -3,6 +3,7 @@ save/load, configuration errors."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -340,6 +341,32 @@ def test_load_into_a_base_with_other_shapes_names_the_tensor(tmp_path, variant):
 def test_loading_a_directory_without_adapter_fails(tmp_path):
     with pytest.raises(FileNotFoundError):
         ResLoraModel.from_pretrained(TOY.build(), tmp_path)
+
+
+@pytest.mark.parametrize("variant", ["is", "bs"])
+def test_an_adapter_whose_chains_cross_stacks_is_refused(tmp_path, variant):
+    """An older adapter (reslora_config.json and chains.json) of an encoder-decoder, from when a chain grouped the
+    layers by their last name only: its chains run from the encoder into the decoder, which chain apart now. Loading
+    it with today's chains would give another model than the one trained, so the load is refused, naming the
+    chains that differ, and the base model is left as it was."""
+    model = _prepare(SPECS["t5"], variant)
+    model.save_adapter(tmp_path)
+    legacy: dict[str, list[str]] = {}
+    for name in model.named_reslora_layers():  # registration order: the encoder's blocks, then the decoder's
+        legacy.setdefault(name.split(".")[-1], []).append(name)
+    assert any(len({n.split(".")[0] for n in names}) == 2 for names in legacy.values())
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    del config["chains"]
+    (tmp_path / "adapter_config.json").unlink()
+    (tmp_path / "reslora_config.json").write_text(json.dumps(config))
+    (tmp_path / "chains.json").write_text(json.dumps(list(legacy.values())))
+    base = SPECS["t5"].build()
+    names = [n for n, _ in base.named_modules()]
+    encoder = [f"encoder.block.{i}.layer.0.SelfAttention.q" for i in range(2)]
+    with pytest.raises(ValueError, match=re.escape(f"chain {legacy['q']} is not a piece of the chain built here for "
+                                                   f"{encoder[0]!r} ({encoder})")):
+        ResLoraModel.from_pretrained(base, tmp_path)
+    assert [n for n, _ in base.named_modules()] == names
 
 
 # ---- configuration errors ------------------------------------------------------------------------------
