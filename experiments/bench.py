@@ -37,7 +37,7 @@ import statistics
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -69,7 +69,6 @@ class Workload:
     dtype: torch.dtype = torch.float32  # of the base model; the adapters are float32 in every workload
     in_quick: bool = True  # part of --quick runs unless named with --only
     base: torch.nn.Module = None
-    notes: list[str] = field(default_factory=list)
 
     def train_batch(self) -> dict:
         raise NotImplementedError
@@ -96,8 +95,9 @@ class MiniLM(Workload):
                     labels=torch.randint(0, 2, (self.batch_size,), generator=g))
 
 
+@dataclass
 class SmolLM2(Workload):
-    layers: int | None = None
+    layers: int | None = None  # keep only the first N of the 30 (None: all)
     cache_dir: Path = ROOT / ".cache"
 
     def load(self) -> None:
@@ -121,12 +121,10 @@ def workloads(quick: bool, smollm2_layers: int | None) -> list[Workload]:
                     r=4, lora_alpha=16, lora_dropout=0.1, modules_to_save=["classifier"])
     smol = SmolLM2("smollm2", "SmolLM2-135M-Instruct (LLaMA architecture, 576 wide) causal LM",
                    batch_size=1, seq_len=32 if quick else 128, targets=["q_proj", "v_proj"],
-                   r=4, lora_alpha=8, lora_dropout=0.1, modules_to_save=[])
-    smol_bf16 = SmolLM2("smollm2_bf16", "SmolLM2-135M-Instruct in bfloat16, float32 adapters, causal LM",
-                        batch_size=smol.batch_size, seq_len=smol.seq_len, targets=smol.targets, r=smol.r,
-                        lora_alpha=smol.lora_alpha, lora_dropout=smol.lora_dropout, modules_to_save=[],
+                   r=4, lora_alpha=8, lora_dropout=0.1, modules_to_save=[], layers=2 if quick else smollm2_layers)
+    smol_bf16 = replace(smol, key="smollm2_bf16",
+                        title="SmolLM2-135M-Instruct in bfloat16, float32 adapters, causal LM",
                         dtype=torch.bfloat16, in_quick=False)  # CPUs without bf16 instructions: 9 s a quick step
-    smol.layers = smol_bf16.layers = 2 if quick else smollm2_layers
     return [minilm, smol, smol_bf16]
 
 
@@ -152,6 +150,11 @@ def build(work: Workload, contestant: Contestant) -> torch.nn.Module:
     return model
 
 
+def trainable_dtypes(model) -> list[str]:
+    """The dtypes of the trainable parameters (the adapters and any trained head), e.g. ["float32"]."""
+    return sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad})
+
+
 def make_optimizer(model) -> torch.optim.Optimizer:
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.1)
 
@@ -166,6 +169,17 @@ def merge(model, contestant: Contestant) -> torch.nn.Module:
     if contestant.variant is None:
         return copy.deepcopy(model).merge_and_unload()
     return model.merge_and_unload(mode=contestant.merge_mode)
+
+
+def not_plain(merged, base) -> list[str]:
+    """What keeps ``merged`` from being a plain model of ``base``'s class (empty when it is one): another class,
+    adapter modules left in it (ours or PEFT's), forward hooks."""
+    problems = [n for n, m in merged.named_modules() if isinstance(m, ResLoraLinear) or "lora" in n.lower()]
+    if type(merged) is not type(base):
+        problems.insert(0, f"a {type(merged).__name__}")
+    if merged._forward_hooks or merged._forward_pre_hooks:
+        problems.append("forward hooks")
+    return problems
 
 
 # ---- measurement -------------------------------------------------------------------------------------------
@@ -268,8 +282,7 @@ def bench_workload(work: Workload, args, clock) -> dict:
     models = {k: build(work, c) for k, c in contestants.items()}
     optimizers = {k: make_optimizer(m) for k, m in models.items()}
     trainable = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, m in models.items()}
-    trainable_dtypes = {k: sorted({str(p.dtype).removeprefix("torch.") for p in m.parameters() if p.requires_grad})
-                        for k, m in models.items()}
+    dtypes = {k: trainable_dtypes(m) for k, m in models.items()}
 
     # Training step time: every contestant against our lora, paired in time.
     times, ratios = paired_rounds(
@@ -295,9 +308,8 @@ def bench_workload(work: Workload, args, clock) -> dict:
             merged[k] = merge(models[k], contestants[k])
             merge_times[k].append(time.perf_counter() - start)
     for k, plain in merged.items():
-        leftovers = [n for n, mod in plain.named_modules() if isinstance(mod, ResLoraLinear) or "lora" in n.lower()]
-        if type(plain) is not type(work.base) or leftovers or plain._forward_hooks or plain._forward_pre_hooks:
-            raise AssertionError(f"merged {k} is not a plain {type(work.base).__name__}: {leftovers[:3]}")
+        if problems := not_plain(plain, work.base):
+            raise AssertionError(f"merged {k} is not a plain {type(work.base).__name__}: {problems[:3]}")
     print(f"[{work.key}] merged", flush=True)
     del models, optimizers
     gc.collect()
@@ -328,7 +340,7 @@ def bench_workload(work: Workload, args, clock) -> dict:
             "vs_peft_lora": quartiles([a / b for a, b in zip(ratios[k], peft)]),
             **memory[k], "peak_vs_lora": memory[k]["peak_bytes"] / memory[REFERENCE_OURS]["peak_bytes"],
             "step_peak_vs_lora": memory[k]["step_peak_bytes"] / memory[REFERENCE_OURS]["step_peak_bytes"],
-            "trainable_params": trainable[k], "trainable_dtypes": trainable_dtypes[k],
+            "trainable_params": trainable[k], "trainable_dtypes": dtypes[k],
         }
     inference = {}
     for k in infer_times:

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,10 +39,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import Workload, build, live_bytes, machine, make_optimizer, paired_rounds, profile_run, train_step  # noqa: E402
+from bench import (Workload, build, live_bytes, machine, make_optimizer, merge, not_plain, paired_rounds,  # noqa: E402
+                   profile_run, train_step, trainable_dtypes)
 from bench_report import CONTESTANTS, REFERENCE_OURS, REFERENCE_PEFT  # noqa: E402
 
-from reslora import ResLoraLinear  # noqa: E402
 from reslora.io import atomic_path  # noqa: E402
 
 # ours at pre_num 1 (the authors' NLU setting), against PEFT LoRA
@@ -52,13 +53,16 @@ SIZES = {"cuda": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layer
                       vocab_size=32000, batch_size=4, seq_len=512, rounds=5, warmup=2),
          "cpu": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                      vocab_size=1000, batch_size=2, seq_len=32, rounds=1, warmup=1)}
+# A paper-scale run takes under a minute on a GPU and about 25 s of CPU at the smoke size: one that hangs is cut
+# off (a timeout row in the report) so that the check ends within its device session.
+RUN_TIMEOUT_S = 240
 
 
 # ---- 1 and 2: cost and merge on a random LLaMA ------------------------------------------------------------------
+@dataclass
 class RandomLlama(Workload):
     device: str = "cpu"
-    dtype: torch.dtype = torch.float32
-    size: dict = None
+    size: dict = None  # a SIZES entry: the model's shape, the batch's, and the rounds
 
     def load(self) -> None:
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -88,8 +92,9 @@ def step_peak_bytes(model, optimizer, batch, device: str) -> int:
     return profile_run(lambda: train_step(model, optimizer, batch))[0]
 
 
-def merge_error(model, contestant, batch) -> float:
-    """Max |logits of the merged plain model - logits of the adapted model|, eval mode, random B."""
+def merge_error(model, contestant, batch, base) -> tuple[float, list[str]]:
+    """Max |logits of the merged model - logits of the adapted model| (eval mode, random B), and what keeps the
+    merged model from being a plain copy of ``base``'s class (bench.not_plain: empty when it is one)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -97,15 +102,15 @@ def merge_error(model, contestant, batch) -> float:
         model.eval()
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         adapted = model(**inputs).logits.float()
-        merged = model.merge_and_unload(mode=contestant.merge_mode)
-        return (merged(**inputs).logits.float() - adapted).abs().max().item()
+        merged = merge(model, contestant)
+        return (merged(**inputs).logits.float() - adapted).abs().max().item(), not_plain(merged, base)
 
 
 def cost_and_merge(device: str, dtype: torch.dtype) -> dict:
     size = SIZES[device]
     work = RandomLlama("llama", "random LLaMA", batch_size=size["batch_size"], seq_len=size["seq_len"],
-                       targets=["q_proj", "v_proj"], r=4, lora_alpha=8, lora_dropout=0.0, modules_to_save=[])
-    work.device, work.dtype, work.size = device, dtype, size
+                       targets=["q_proj", "v_proj"], r=4, lora_alpha=8, lora_dropout=0.0, modules_to_save=[],
+                       dtype=dtype, device=device, size=size)
     work.load()
     work.base.requires_grad_(False)
     batch = work.train_batch()
@@ -121,22 +126,20 @@ def cost_and_merge(device: str, dtype: torch.dtype) -> dict:
     times, ratios = paired_rounds({k: (lambda k=k: train_step(models[k], optimizers[k], batch)) for k in models},
                                   REFERENCE_PEFT, size["rounds"], size["warmup"], seed=1, clock=clock)
     peaks = {k: step_peak_bytes(m, optimizers[k], batch, device) for k, m in models.items()}
-    adapter_dtypes = {k: sorted({str(p.dtype).removeprefix("torch.") for n, p in m.named_parameters()
-                                 if p.requires_grad}) for k, m in models.items()}
     rows = {k: {"label": contestants[k].label, "step_s": statistics.median(times[k]),
                 "vs_peft_lora": 1.0 if k == REFERENCE_PEFT else statistics.median(ratios[k]),
                 "step_peak_bytes": peaks[k], "live_bytes": live_bytes(models[k], optimizers[k]),
                 "peak_vs_lora": peaks[k] / peaks[REFERENCE_OURS], "peak_vs_peft_lora": peaks[k] / peaks[REFERENCE_PEFT],
-                "adapter_dtypes": adapter_dtypes[k]} for k in models}
+                "adapter_dtypes": trainable_dtypes(models[k])} for k in models}
     for k, row in rows.items():
         row["peak_ok"] = contestants[k].variant in (None, "lora") or row["peak_vs_lora"] <= PEAK_MEMORY_LIMIT
-    merge = {k: merge_error(models[k], contestants[k], batch) for k in (REFERENCE_OURS, "bs1")}
-    leftovers = [n for n, m in models["bs1"].merge_and_unload(mode="merge_bi").named_modules()
-                 if isinstance(m, ResLoraLinear)]
-    merge_ok = not leftovers and merge["bs1"] <= max(2 * merge[REFERENCE_OURS], 1e-5)
+    (lora_error, lora_not_plain), (bs_error, bs_not_plain) = (
+        merge_error(models[k], contestants[k], batch, work.base) for k in (REFERENCE_OURS, "bs1"))
+    merge_ok = not lora_not_plain and not bs_not_plain and bs_error <= max(2 * lora_error, 1e-5)
     parameters = sum(p.numel() for p in work.base.parameters())
     return {"parameters": parameters, "shape": size, "dtype": str(dtype).removeprefix("torch."), "rows": rows,
-            "merge": {"bs_max_abs_error": merge["bs1"], "lora_max_abs_error": merge[REFERENCE_OURS], "ok": merge_ok}}
+            "merge": {"bs_max_abs_error": bs_error, "lora_max_abs_error": lora_error,
+                      "not_plain": (lora_not_plain + bs_not_plain)[:5], "ok": merge_ok}}
 
 
 # ---- 3: the paper-scale configs with tiny random models -------------------------------------------------------------
@@ -251,16 +254,23 @@ def paper_runs(work: Path, device: str, dtype: str) -> list[dict]:
         start = time.perf_counter()
         command = [sys.executable, str(ROOT / "experiments" / "train.py"), f"scale={scale}", f"task={task}",
                    f"method={method}", *overrides, "train.max_steps=2", "train.eval_every=2", *precision,
+                   "data.allow_unlisted=true",  # the made-up mirror has no manifest.json to verify it against
                    "tag=gpu_check", "logger.mode=disabled", f"runs_dir={work / 'runs'}",
                    f"results_dir={work / 'results'}"]
-        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        try:
+            result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                                    timeout=RUN_TIMEOUT_S)
+            returncode, error = result.returncode, "" if result.returncode == 0 else result.stderr[-1500:]
+        except subprocess.TimeoutExpired as timeout:  # the row says so and the check goes on with the others
+            stderr = (timeout.stderr or b"").decode(errors="replace")  # bytes even with text=True
+            returncode, error = None, f"no result within {RUN_TIMEOUT_S} s (killed); its stderr:\n{stderr[-1500:]}"
         records = sorted((work / "results" / "records").glob(f"paper/gpu_check/{task}/*/seed*.json"))
         record = json.loads(records[-1].read_text()) if records else {}
-        out.append({"scale": scale, "task": task, "method": method, "returncode": result.returncode,
-                    "status": record.get("status", "no record"), "total_steps": record.get("total_steps"),
-                    "headline_metric": record.get("headline_metric"), "headline": record.get("headline"),
-                    "modes": sorted(record.get("final", {})), "wall_s": time.perf_counter() - start,
-                    "error": "" if result.returncode == 0 else result.stderr[-1500:]})
+        out.append({"scale": scale, "task": task, "method": method, "returncode": returncode,
+                    "status": "timeout" if returncode is None else record.get("status", "no record"),
+                    "total_steps": record.get("total_steps"), "headline_metric": record.get("headline_metric"),
+                    "headline": record.get("headline"), "modes": sorted(record.get("final", {})),
+                    "wall_s": time.perf_counter() - start, "error": error})
         print(f"[paper runs] {scale}: {out[-1]['status']} ({out[-1]['wall_s']:.0f} s)", flush=True)
     return out
 
@@ -283,11 +293,13 @@ def markdown(report: dict) -> str:
         lines.append(f"| {row['label']} | {', '.join(row['adapter_dtypes'])} | {row['step_s']:.4f} | "
                      f"{row['vs_peft_lora']:.3f} | {row['step_peak_bytes'] / 2**20:.1f} | {row['peak_vs_lora']:.3f}"
                      f"{'' if row['peak_ok'] else ' (over the limit)'} | {row['peak_vs_peft_lora']:.3f} |")
-    merge = cost["merge"]
+    check = cost["merge"]
+    not_plain_note = f" Not a plain model: {', '.join(check['not_plain'])}." if check["not_plain"] else ""
     lines += ["", "## Merged == unmerged (bs)", "",
               f"Max |logit difference| of the merged plain model against the adapted one (random B, eval mode): bs "
-              f"(merge_bi) {merge['bs_max_abs_error']:.3g}, against LoRA's own merge {merge['lora_max_abs_error']:.3g} "
-              f"(the rounding of {cost['dtype']}): **{'ok' if merge['ok'] else 'FAIL'}** (bs at most twice LoRA's).",
+              f"(merge_bi) {check['bs_max_abs_error']:.3g}, against LoRA's own merge {check['lora_max_abs_error']:.3g} "
+              f"(the rounding of {cost['dtype']}): **{'ok' if check['ok'] else 'FAIL'}** (bs at most twice LoRA's, "
+              f"both merged models plain).{not_plain_note}",
               "", "## Paper-scale configs, 2 steps with a tiny random model", "",
               "| scale | task, method | status | steps | headline | test modes | wall (s) |", "|---|---|---|---|---|---|---|"]
     for run in report["paper_runs"]:
@@ -317,8 +329,9 @@ def main(argv=None) -> int:
         runs = paper_runs(Path(work), device, dtype)
     ok = (cost["merge"]["ok"] and all(r["peak_ok"] for r in cost["rows"].values())
           and all(r["status"] == "ok" and r["total_steps"] == 2 for r in runs))
-    meta = machine() | {"device": device, "device_name": torch.cuda.get_device_name() if device == "cuda"
-                        else f"no CUDA: CPU at a smoke size ({machine()['cpu']})", "wall_s": time.perf_counter() - start}
+    meta = machine()
+    meta |= {"device": device, "device_name": torch.cuda.get_device_name() if device == "cuda"
+             else f"no CUDA: CPU at a smoke size ({meta['cpu']})", "wall_s": time.perf_counter() - start}
     report = {"meta": meta, "ok": ok, "cost": cost, "paper_runs": runs}
     args.out.mkdir(parents=True, exist_ok=True)
     with atomic_path(args.out / "gpu_check.json") as tmp:

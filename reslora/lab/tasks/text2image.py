@@ -316,12 +316,6 @@ def base_weights_name(name: str) -> str:
     return f"t2i/{name}/diffusion_pytorch_model.safetensors"
 
 
-def base_unet_dir(cache_dir: str | Path, name: str) -> Path:
-    """The base that model.path ``cache:NAME`` reads: committed under assets/ if it is there, else where
-    ``experiments/t2i_base.py`` builds it in the cache."""
-    return locate(base_weights_name(name), cache_dir).parent
-
-
 def check_base(directory: Path, pretrain) -> dict:
     """The cached base's base.json, after checking that it was pretrained as ``model.pretrain`` says (a base built
     with other settings is never used silently)."""
