@@ -39,6 +39,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import datasets  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
@@ -48,6 +49,7 @@ from reslora import ResLoraConfig, get_reslora_model  # noqa: E402
 from reslora.io import atomic_path, write_json  # noqa: E402
 from reslora.lab.records import load_records  # noqa: E402
 from reslora.lab.report import label, task_name, update_size_frame  # noqa: E402
+from reslora.merge import _alpha as merge_alpha  # noqa: E402
 from reslora.model import chain_group, role_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,9 +82,9 @@ def load_source(task: str, scale: str, examples: int) -> Source:
 
     from reslora.lab.tasks import build_task
 
-    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
-        configs = {v: compose("config", overrides=[f"task={task}", f"scale={scale}", f"method={m}", "seed=0"])
-                   for v, m in ROWS.items()}
+    with initialize_config_dir(str(ROOT / "conf"), version_base=None):  # the rows whose pre_num the prediction reads
+        configs = {v: compose("config", overrides=[f"task={task}", f"scale={scale}", f"method={ROWS[v]}", "seed=0"])
+                   for v in ("bs", "ms")}
     cfg = configs["ms"]
     task_obj = build_task(cfg)
     model = task_obj.load_model(cfg.model).eval()
@@ -121,8 +123,8 @@ def measure(source: Source, seed: int = 0) -> list[dict]:
             model.calibrate([batch])  # one forward that also fills the merge statistics f_n, g_n
             mask = batch.get("attention_mask")
             for chain in model.chains:
-                xs, axs = [], []
-                for i, layer in enumerate(chain.layers):
+                previous, axs = None, []  # the previous block's input; every block's A x so far
+                for layer in chain.layers:
                     x = captured[layer].to(torch.float64)
                     x = x[mask.bool()] if mask is not None else x.reshape(-1, x.shape[-1])
                     ax = x @ layer.lora_A.to(torch.float64).T
@@ -131,10 +133,10 @@ def measure(source: Source, seed: int = 0) -> list[dict]:
                     add(layer, "ax2", (ax * ax).sum())
                     add(layer, "branch2", (branch * branch).sum())
                     add(layer, "tokens", x.shape[0])
-                    if i:
-                        add(layer, "dot", (x * xs[-1]).sum())
-                        add(layer, "token_cos", torch.nn.functional.cosine_similarity(x, xs[-1], dim=-1).sum())
-                    xs, axs = [x], [*axs, ax]
+                    if previous is not None:
+                        add(layer, "dot", (x * previous).sum())
+                        add(layer, "token_cos", torch.nn.functional.cosine_similarity(x, previous, dim=-1).sum())
+                    previous, axs = x, [*axs, ax]
     finally:
         for hook in hooks:
             hook.remove()
@@ -144,9 +146,9 @@ def measure(source: Source, seed: int = 0) -> list[dict]:
     for chain in model.chains:
         for i, layer in enumerate(chain.layers):
             s = sums[layer]
-            f_n, g_n = (float(v) for v in layer.mean_norms())
+            f_n = float(layer.mean_norms()[0])
             row = {"name": names[layer], "role": role_name(names[layer]), "position": i, "previous_blocks": len(layer.prev),
-                   "ms_alpha": sum(float(p.mean_norms()[1]) for p in layer.prev) / g_n,
+                   "ms_alpha": float(merge_alpha(layer, "merge_bi")),
                    "ms_forward": math.sqrt(s["branch2"] / s["ax2"])}
             if i:
                 before = sums[chain.layers[i - 1]]
@@ -164,17 +166,25 @@ def bs_blocks(position: int, pre_num: int) -> int:
     return position if pre_num < 0 else min(position, pre_num)
 
 
+def per_layer_prediction(layers: list[dict], variant: str, pre_num: dict) -> dict:
+    """{target layer: the deployed factor of ``variant`` relative to LoRA} (the module docstring's table)."""
+    if variant == "is":
+        return {row["name"]: 1 + row.get("is_alpha", 1.0) for row in layers}
+    if variant == "ms":
+        return {row["name"]: 1 + row["ms_alpha"] for row in layers}
+    return {row["name"]: math.sqrt(1 + bs_blocks(row["position"], pre_num["bs"])) for row in layers}
+
+
 def predict(layers: list[dict], pre_num: dict) -> dict:
     """Each variant's factor relative to LoRA, the mean over the target layers of the per-layer factors of the
     module docstring's table: ``forward`` (what training sees) and ``deployed`` (the merged update)."""
-    bs = [bs_blocks(row["position"], pre_num["bs"]) for row in layers]
+    deployed = {v: np.mean(list(per_layer_prediction(layers, v, pre_num).values())) for v in ROWS}
     return {
         "is": {"forward": np.mean([1 + row.get("c", 1.0) for row in layers]),  # first block: x_{n-1} := x_n
-               "deployed": np.mean([1 + row.get("is_alpha", 1.0) for row in layers])},
-        "bs": {"forward": np.mean([math.sqrt(1 + m) for m in bs]), "deployed": np.mean([math.sqrt(1 + m) for m in bs]),
-               "deployed_aligned": np.mean([1 + m for m in bs])},
-        "ms": {"forward": np.mean([row["ms_forward"] for row in layers]),
-               "deployed": np.mean([1 + row["ms_alpha"] for row in layers])},
+               "deployed": deployed["is"]},
+        "bs": {"forward": deployed["bs"], "deployed": deployed["bs"],  # bs merges exactly
+               "deployed_aligned": np.mean([1 + bs_blocks(row["position"], pre_num["bs"]) for row in layers])},
+        "ms": {"forward": np.mean([row["ms_forward"] for row in layers]), "deployed": deployed["ms"]},
     }
 
 
@@ -200,13 +210,18 @@ def update_cosine(block_norms: dict, layer_order: list[str]) -> float:
     return float(np.mean(values))
 
 
+def sized_runs(records: list[dict], task: str) -> tuple[list[dict], pd.DataFrame]:
+    """The task's runs that recorded their block norms, and their deployed update size relative to LoRA's."""
+    runs = [r for r in records if r["task"] == task and r.get("block_norms")]
+    return runs, update_size_frame(runs)
+
+
 def measured(records: list[dict], task: str, pre_num: dict) -> dict:
     """Per variant, over the seeds that have both the ResLoRA run and LoRA's: the deployed ratio to LoRA (the
     tables' 'update / LoRA's'), the merge factor within the run, the own-norm ratio to LoRA, per-layer merge
     factors (mean over seeds) and, for bs with pre_num 1, the update cosine."""
-    runs = [r for r in records if r["task"] == task and r.get("block_norms")]
+    runs, sizes = sized_runs(records, task)
     lora = {r["seed"]: r for r in runs if r["method"] == "lora"}
-    sizes = update_size_frame(runs)
     out = {}
     for variant, method in ROWS.items():
         mine = [r for r in runs if r["method"] == method and r["seed"] in lora]
@@ -230,9 +245,8 @@ def measured(records: list[dict], task: str, pre_num: dict) -> dict:
 
 def control_curve(records: list[dict], task: str) -> dict:
     """{k: deployed ratio to LoRA} of the scale-control rows (LoRA (r=4) at k times LoRA's alpha), with k = 1: 1."""
-    runs = [r for r in records if r["task"] == task and r.get("block_norms")]
+    runs, sizes = sized_runs(records, task)
     alpha = next((r["config"]["method"]["lora_alpha"] for r in runs if r["method"] == "lora"), None)
-    sizes = update_size_frame(runs)
     curve = {1.0: 1.0}
     for method in sorted({r["method"] for r in runs if r["method"].startswith("lora_alpha")}):
         k = next(r["config"]["method"]["lora_alpha"] for r in runs if r["method"] == method) / alpha
@@ -247,14 +261,6 @@ def own_ratio_from_controls(curve: dict, scale: float) -> float:
     return float(np.interp(math.log2(scale), [math.log2(k) for k in ks], [curve[k] / k for k in ks]))
 
 
-def per_layer_prediction(layers: list[dict], variant: str, pre_num: dict) -> dict:
-    if variant == "is":
-        return {row["name"]: 1 + row.get("is_alpha", 1.0) for row in layers}
-    if variant == "ms":
-        return {row["name"]: 1 + row["ms_alpha"] for row in layers}
-    return {row["name"]: math.sqrt(1 + bs_blocks(row["position"], pre_num["bs"])) for row in layers}
-
-
 # ---- outputs ---------------------------------------------------------------------------------------------------
 def rounded(value):
     if isinstance(value, dict):
@@ -266,9 +272,9 @@ def rounded(value):
     return value
 
 
-def analyse(source: Source, results_dir: Path) -> dict:
+def analyse(source: Source, records: list[dict]) -> dict:
+    """The source's measurements and prediction against ``records`` (those of source.records_scale/_tag)."""
     layers = measure(source)
-    records = load_records(results_dir, source.records_scale, source.records_tag)
     result = {"task": source.task, "model": source.model_name, "target_modules": source.target_modules,
               "examples": sum(len(next(iter(b.values()))) for b in source.batches), "r": source.r,
               "pre_num": source.pre_num, "records": f"{source.records_scale}/{source.records_tag}",
@@ -438,10 +444,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
-    results = []
+    results, records = [], {}  # records: per (scale, tag), loaded once for every task that reads them
     for task in args.tasks:
-        scale = f"{args.scale}_nlg" if task in NLG_TASKS else args.scale
-        results.append(analyse(load_source(task, scale, args.examples), args.results))
+        source = load_source(task, f"{args.scale}_nlg" if task in NLG_TASKS else args.scale, args.examples)
+        where = (source.records_scale, source.records_tag)
+        if where not in records:
+            records[where] = load_records(args.results, *where)
+        results.append(analyse(source, records[where]))
         print(f"{task}: predicted " + ", ".join(f"{v} {p['deployed']:.2f}" for v, p in results[-1]["predicted"].items())
               + "; measured " + ", ".join(f"{v} {m['deployed']:.2f}" for v, m in results[-1]["measured"].items()))
     write_outputs(results, out)

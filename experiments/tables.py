@@ -20,7 +20,7 @@ from reslora.lab.figures import (plot_block_norm_heatmaps, plot_curves, plot_fig
                                  plot_lr_sweep, plot_sample_grid, record_label)
 from reslora.lab.report import (CONTROL_ROWS, INTERVAL_NOTE, LR_SWEEP_ROWS, LR_SWEEP_TASKS, MODE_LABELS,
                                 RESLORA_ROWS, Comparison, comparison_table, complete_tasks, experiment_design,
-                                final_loss_frame, grid_cells, headline_frame, interval_comparison, label,
+                                final_loss_frame, grid_cells, headline_frame, interval_comparison, interval_note, label,
                                 learning_check, lr_frame, record_difference, lr_sweep_records, mode_frame, mode_gaps,
                                 mode_interval_table, mode_table, ordered, paired_comparison, selected_rates,
                                 summary_table, table4_records, task_column, task_name, update_size_frame)
@@ -578,7 +578,7 @@ def fig3(results: Path, scale: str, threshold: float) -> Path:
         "",
         *final,
         *(["", "Paired differences on the test samples (the same prompts and noise for every row), in points: "
-           + INTERVAL_NOTE.replace("test items", "test samples"), "", *compared] if compared else []),
+           + interval_note("test samples"), "", *compared] if compared else []),
         "",
         "Figures: `figures/fig3_samples.png` (seed 0: one column per method, a row per step, one sample per prompt "
         "(digits 0-9) from the same noise: validation noise at each step; first row, the base before fine-tuning, and "

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from _models import BERT
+from reslora.lab.records import load_records
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
@@ -92,7 +93,7 @@ def test_a_tiny_random_bert_against_the_committed_records(tmp_path):
     batches = [BERT.inputs(seed) for seed in range(2)]
     source = mechanism.Source("sst2", "tiny-bert", BERT.build(), list(BERT.targets), batches, r=4,
                               pre_num={"bs": 1, "ms": 4}, records_scale="cpu", records_tag="table2")
-    result = mechanism.analyse(source, ROOT / "results")
+    result = mechanism.analyse(source, load_records(ROOT / "results", "cpu", "table2"))
     mechanism.write_outputs([result], tmp_path)
 
     written = json.loads((tmp_path / "mechanism_scale.json").read_text())["sources"][0]

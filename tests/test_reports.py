@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from nbclient import NotebookClient
 
-from reslora.lab.report import (DOES_NOT_LEARN, final_loss_frame, interval_comparison, paired_comparison,
-                                summary_table, update_size_frame)
+from reslora.lab import report
+from reslora.lab.report import (DOES_NOT_LEARN, INTERVAL_NOTE, final_loss_frame, interval_comparison, interval_note,
+                                paired_comparison, summary_table, update_size_frame)
 from test_platform import ROOT, needs_data, train
 
 
@@ -23,6 +24,20 @@ def build_table(table: str, results: Path) -> str:
     subprocess.run([sys.executable, str(ROOT / "experiments" / "tables.py"), table, "--scale", "smoke",
                     "--results", str(results)], check=True, cwd=ROOT)
     return (results / f"{table}_smoke.md").read_text()
+
+
+def test_the_interval_note_names_its_units_and_reads_the_statistics_settings(monkeypatch):
+    assert INTERVAL_NOTE == interval_note() and INTERVAL_NOTE.count("test items") == 3
+    samples = interval_note("test samples")  # Fig. 3 pairs on samples
+    assert "test items" not in samples and samples.count("test samples") == 3
+    assert all(part in INTERVAL_NOTE for part in ("seed-level 95% interval", "10,000 replicates", "80% power",
+                                                  "two-sided 5%"))
+    monkeypatch.setattr(report, "REPLICATES", 20_000)
+    monkeypatch.setattr(report, "LEVEL", 0.9)
+    monkeypatch.setattr(report, "POWER", 0.9)
+    changed = interval_note()
+    assert all(part in changed for part in ("seed-level 90% interval", "20,000 replicates", "90% power",
+                                            "two-sided 10%"))
 
 
 @pytest.fixture(scope="module")

@@ -67,6 +67,7 @@ def test_the_seed_level_interval_and_p_are_scipys_t_over_the_per_seed_difference
     np.testing.assert_allclose(d.interval, reference.confidence_interval(0.95), rtol=1e-12)
     assert d.p == pytest.approx(reference.pvalue) and not d.resolved()  # [-1.84, +12.50]: covers 0
     assert round(100 * d.interval[0], 2) == -1.84 and round(100 * d.interval[1], 2) == 12.50
+    assert d.interval is d.interval and d.p is d.p  # computed once (cached_property on the frozen dataclass)
     one = PairedDifference((0,), (0.05,))
     assert np.isnan(one.interval).all() and np.isnan(one.p) and not one.resolved() and np.isnan(one.detectable)
 

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from .records import load_records
-from .stats import LEVEL, PairedDifference, constant_baseline, holm, paired_difference
+from .stats import LEVEL, POWER, REPLICATES, PairedDifference, constant_baseline, holm, paired_difference
 
 
 ROW_LABELS = {"lora": "LoRA (r=4)", "lora_r16": "LoRA (r=16)", "peft_lora": "PEFT LoRA (r=4)", "adalora": "AdaLoRA",
@@ -132,22 +132,28 @@ def paired_comparison(frame: pd.DataFrame, tasks: list[str], baseline: str = "lo
     return "\n".join(lines)
 
 
-INTERVAL_NOTE = (
-    "Each line: the per-seed paired differences (row − baseline on the same seed and test items, in points), their "
-    "mean, and the **seed-level 95% interval**: a t interval over the per-seed differences (n − 1 degrees of "
-    "freedom; `reslora/lab/stats.py`). It is the verdict: a difference is *resolved* only when it excludes 0. Why "
-    "not a bootstrap over seeds: with 3 seeds it sees 10 distinct seed multisets (78% of its replicates repeat a "
-    "seed, 11% use one seed three times) and is too narrow, while the t interval is exact for normal per-seed "
-    "differences. It holds the test items fixed (the question: on this test set, does the row beat the baseline "
-    "beyond seed noise?); the bootstrap below adds their sampling noise too, so it can be wider. p: the paired t "
-    "test's; Holm p: adjusted by Holm's method over this table's family "
-    "(statsmodels). Second view: the **item-and-seed bootstrap** (seeds, then the same test items for both rows, "
-    "with replacement; 10,000 replicates, percentile interval), which also sees the test set's sampling noise; ± is "
-    "the Monte Carlo error of its endpoints (half-width of each quantile's distribution-free 95% interval from the "
-    "replicates' order statistics), and *borderline* marks a bootstrap verdict that another random draw could flip "
-    "(an endpoint within its Monte Carlo error of 0). Detectable: the smallest true difference a paired t test on "
-    "these seeds finds with 80% power (two-sided 5%) at the observed SD of the per-seed differences "
-    "(statsmodels' TTestPower).")
+def interval_note(units: str = "test items") -> str:
+    """What a comparison table's columns mean (comparison_table); ``units``: what the rows are paired on besides
+    the seed (Fig. 3: "test samples")."""
+    return (
+        f"Each line: the per-seed paired differences (row − baseline on the same seed and {units}, in points), their "
+        f"mean, and the **seed-level {LEVEL:.0%} interval**: a t interval over the per-seed differences (n − 1 degrees "
+        "of freedom; `reslora/lab/stats.py`). It is the verdict: a difference is *resolved* only when it excludes 0. "
+        "Why not a bootstrap over seeds: with 3 seeds it sees 10 distinct seed multisets (78% of its replicates "
+        "repeat a seed, 11% use one seed three times) and is too narrow, while the t interval is exact for normal "
+        f"per-seed differences. It holds the {units} fixed (the question: on this test set, does the row beat the "
+        "baseline beyond seed noise?); the bootstrap below adds their sampling noise too, so it can be wider. p: the "
+        "paired t test's; Holm p: adjusted by Holm's method over this table's family (statsmodels). Second view: the "
+        f"**item-and-seed bootstrap** (seeds, then the same {units} for both rows, with replacement; {REPLICATES:,} "
+        "replicates, percentile interval), which also sees the test set's sampling noise; ± is the Monte Carlo error "
+        f"of its endpoints (half-width of each quantile's distribution-free {LEVEL:.0%} interval from the replicates' "
+        "order statistics), and *borderline* marks a bootstrap verdict that another random draw could flip (an "
+        "endpoint within its Monte Carlo error of 0). Detectable: the smallest true difference a paired t test on "
+        f"these seeds finds with {POWER:.0%} power (two-sided {1 - LEVEL:.0%}) at the observed SD of the per-seed "
+        "differences (statsmodels' TTestPower).")
+
+
+INTERVAL_NOTE = interval_note()
 
 
 @dataclass
@@ -272,11 +278,11 @@ def mode_interval_table(records: list[dict], methods: list[str], modes: list[str
                         tasks: list[str]) -> str:
     """Markdown: for each method and eval mode, (mode − ``reference`` mode) of the same trained models in points,
     per task, paired by seed and item (comparison_table)."""
-    comparisons = []
+    cells, comparisons = by_cell(records), []
     for method in methods:
         for mode in modes:
             for task in tasks:
-                runs = [r for r in records if r["method"] == method and r["task"] == task and mode in r["final"]]
+                runs = [r for r in cells.get((method, task), []) if mode in r["final"]]
                 if runs:
                     d, note = record_difference(runs, runs, (mode, reference))
                     comparisons.append(Comparison(f"{label(method)}: {MODE_LABELS[mode]} − {MODE_LABELS[reference]}",

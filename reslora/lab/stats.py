@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numpy as np
+from scipy.stats import norm
 from scipy.stats import t as student_t
 
 REPLICATES = 10_000
@@ -46,15 +47,7 @@ def accuracy(pred: np.ndarray, label: np.ndarray) -> np.ndarray:
 
 def matthews(pred: np.ndarray, label: np.ndarray) -> np.ndarray:
     """Binary Matthews correlation along the last axis (0 where it is undefined, as scikit-learn)."""
-    p, y = pred.astype(bool), np.broadcast_to(label, pred.shape).astype(bool)
-    tp, tn = (p & y).sum(-1, dtype=float), (~p & ~y).sum(-1, dtype=float)
-    fp, fn = (p & ~y).sum(-1, dtype=float), (~p & y).sum(-1, dtype=float)
-    return _matthews(tp, tn, fp, fn)
-
-
-def _matthews(tp, tn, fp, fn) -> np.ndarray:
-    denominator = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-    return np.divide(tp * tn - fp * fn, denominator, out=np.zeros_like(denominator), where=denominator > 0)
+    return weighted_metric("matthews", item_terms("matthews", pred, label).sum(-1), pred.shape[-1])
 
 
 def pearson(pred: np.ndarray, label: np.ndarray) -> np.ndarray:
@@ -84,8 +77,10 @@ def weighted_metric(metric: str, sums: np.ndarray, total: float) -> np.ndarray:
     """The metric from the weighted sums of item_terms (first axis) over ``total`` weighted items."""
     if metric == "accuracy":
         return sums[0] / total
-    if metric == "matthews":
-        return _matthews(*sums)
+    if metric == "matthews":  # sums: the confusion matrix's counts
+        tp, tn, fp, fn = sums
+        denominator = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+        return np.divide(tp * tn - fp * fn, denominator, out=np.zeros_like(denominator), where=denominator > 0)
     sx, sy, sxx, syy, sxy = sums
     varx, vary = sxx - sx * sx / total, syy - sy * sy / total
     denominator = np.sqrt(np.clip(varx, 0, None) * np.clip(vary, 0, None))
@@ -114,11 +109,11 @@ class PairedDifference:
     boot_error: float = math.nan  # Monte Carlo error of its endpoints (the larger half-width)
     borderline: bool = False      # the bootstrap's verdict could flip with another random draw
 
-    @property
+    @cached_property
     def mean(self) -> float:
         return float(np.mean(self.per_seed))
 
-    @property
+    @cached_property
     def sd(self) -> float:
         """SD of the per-seed differences (nan with one seed)."""
         return float(np.std(self.per_seed, ddof=1)) if len(self.per_seed) > 1 else math.nan
@@ -129,7 +124,7 @@ class PairedDifference:
         d = np.asarray(self.per_seed)
         return int((d < 0).sum() if self.lower_is_better else (d > 0).sum())
 
-    @property
+    @cached_property
     def interval(self) -> tuple[float, float]:
         """Seed-level 95% t interval of the mean difference (nan with one seed)."""
         n = len(self.per_seed)
@@ -138,7 +133,7 @@ class PairedDifference:
         half = student_t.ppf((1 + LEVEL) / 2, n - 1) * self.sd / math.sqrt(n)
         return self.mean - half, self.mean + half
 
-    @property
+    @cached_property
     def p(self) -> float:
         """Two-sided p of the paired t test on the per-seed differences (nan with one seed; identical differences:
         0 when they are not 0, else 1)."""
@@ -302,8 +297,8 @@ def bootstrap(pa: np.ndarray, pb: np.ndarray, label: np.ndarray, metric: str, re
     low, high = np.percentile(means, [100 * (1 - LEVEL) / 2, 100 * (1 + LEVEL) / 2])
     errors, borderline = [], False
     for q, endpoint_sign in (((1 - LEVEL) / 2, 1), ((1 + LEVEL) / 2, -1)):
-        # the order statistics that bound the q-quantile with 95% confidence (normal approximation of the binomial)
-        spread = 1.96 * math.sqrt(replicates * q * (1 - q))
+        # the order statistics that bound the q-quantile at LEVEL confidence (normal approximation of the binomial)
+        spread = norm.ppf((1 + LEVEL) / 2) * math.sqrt(replicates * q * (1 - q))
         lo = means[max(0, math.floor(replicates * q - spread))]
         hi = means[min(replicates - 1, math.ceil(replicates * q + spread))]
         errors.append((hi - lo) / 2)
