@@ -7,8 +7,7 @@ The model is SmolLM2-135M-Instruct (LLaMA architecture), which the PyPI package 
 (the first run dequantises it once and caches it under .cache/), cut to its first ``--layers`` layers (default 2)
 so that this runs in about a minute on an idle CPU. The data is a handful of toy conversations: the point is
 the mechanics, not the replies (a 2-layer cut of the model predicts badly: its loss starts high).
-``reslora.trl.ResLoraSFTTrainer`` is ``trl.SFTTrainer`` with TRL's fused LM head put on the transformers model
-inside the ResLoraModel, as SFTTrainer does for a PEFT model.
+The trainer is TRL's own ``SFTTrainer``, given the ResLoraModel as it is.
 """
 
 from __future__ import annotations
@@ -19,11 +18,10 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from trl import SFTConfig
+from trl import SFTConfig, SFTTrainer
 
 from reslora import ResLoraConfig, ResLoraModel, get_reslora_model
 from reslora.lab.hub_models import load_smollm2
-from reslora.trl import ResLoraSFTTrainer
 
 QUESTIONS = [("What colour is the sky?", "Blue, on a clear day."), ("How many legs has a cat?", "Four."),
              ("What is 2 + 3?", "5."), ("Name a fruit.", "An apple."), ("What do bees make?", "Honey."),
@@ -43,15 +41,17 @@ def main() -> None:
     out = args.out or Path(tempfile.mkdtemp(prefix="reslora-sft-"))
 
     base, tokenizer = load_smollm2(num_hidden_layers=args.layers)
+    # parameters() lists a tied weight once (SmolLM2's LM head is its input embeddings); state_dict() twice
+    base_mib = sum(t.numel() * t.element_size() for t in [*base.parameters(), *base.buffers()]) / 2**20
     config = ResLoraConfig(variant="ms", r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
     model = get_reslora_model(base, config)
     model.print_trainable_parameters()
 
-    def trainer(max_steps: int) -> ResLoraSFTTrainer:
+    def trainer(max_steps: int) -> SFTTrainer:
         arguments = SFTConfig(output_dir=str(out / "sft"), max_steps=max_steps, save_steps=4, logging_steps=1,
                               per_device_train_batch_size=4, learning_rate=2e-3, report_to=[],
                               use_cpu=not torch.cuda.is_available())
-        return ResLoraSFTTrainer(model=model, args=arguments, train_dataset=conversations(),
+        return SFTTrainer(model=model, args=arguments, train_dataset=conversations(),
                                  processing_class=tokenizer)
 
     trainer(4).train()
@@ -63,7 +63,7 @@ def main() -> None:
           f"train loss: step 1 {losses[0]:.3f} -> step {len(losses)} {losses[-1]:.3f}")
     print(f"SFT checkpoint: {sorted(p.name for p in checkpoint.iterdir())}; model.safetensors "
           f"{(checkpoint / 'model.safetensors').stat().st_size / 2**20:.2f} MiB (the base model's weights: "
-          f"{sum(t.numel() * t.element_size() for t in base.state_dict().values()) / 2**20:.0f} MiB)")
+          f"{base_mib:.0f} MiB)")
 
     # The last checkpoint is the adapter: load it onto a fresh base model, as one would after training.
     fresh_base = load_smollm2(num_hidden_layers=args.layers)[0]

@@ -29,6 +29,8 @@ log = logging.getLogger("reslora")
 WEIGHTS_NAME = "adapter_model.safetensors"
 # What transformers.Trainer writes (checkpoints, save_model) for a model that is neither a PreTrainedModel nor a
 # PeftModel: the wrapper's state dict, which holds the adapter and, as its extra state, the adapter's description.
+# Trainer picks its layout by isinstance alone (Trainer._save), and this file is also the only one it reads back
+# into such a model (_load_from_checkpoint, _load_best_model), so a Trainer checkpoint cannot be PEFT's layout.
 TRAINER_WEIGHTS_NAME = "model.safetensors"
 EXTRA_STATE = "_extra_state"
 CHAINS_NAME = "chains.json"  # older adapters only: the chains are now in adapter_config.json
@@ -339,6 +341,22 @@ class ResLoraModel(nn.Module):
                 raise AttributeError(f"{type(self).__name__} has no {name!r} (the base model's would act on the "
                                      f"base model, not on the ResLoRA adapter): {PEFT_ALTERNATIVES[name]}") from None
             return getattr(self.base_model, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        # TRL's SFTTrainer gives the model it trains a fused LM head (trl.trainer.utils.add_fused_lm_head): a forward
+        # bound to the model that, called with fused_lm_head=True, runs `self.base_model` as transformers' backbone
+        # and multiplies by `self.get_output_embeddings().weight`. A PeftModel gets it on its transformers model; on
+        # this wrapper `base_model` is the whole transformers model, so the head runs with that model as its `self`
+        # (its base_model is the backbone). It stays the wrapper's forward: unfused, it calls the wrapper's own one.
+        # A partial, not a bound method: accelerate's autocast keeps a forward without __func__ as it is.
+        if (name == "forward" and getattr(value, "__self__", None) is self
+                and "fused_lm_head" in (getattr(getattr(value, "__func__", None), "__kwdefaults__", None) or {})):
+            if isinstance(self.get_output_embeddings(), ResLoraLinear):
+                raise ValueError("a ResLoRA adapter on the LM head is not supported by TRL's fused LM head "
+                                 "(SFTTrainer): it multiplies by lm_head.weight directly, so the adapter would never "
+                                 "train; remove the LM head from target_modules")
+            value = functools.partial(value.__func__, self.base_model)
+        super().__setattr__(name, value)
 
     def checkpoint_context_fn(self):
         """``context_fn`` for ``torch.utils.checkpoint`` (non-reentrant): the recomputation of a checkpointed

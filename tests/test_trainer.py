@@ -147,6 +147,19 @@ def test_a_trainer_checkpoint_and_save_model_output_load_with_from_pretrained(tm
                            BERT.output(final.merge_and_unload("merge_bi"), inputs))
 
 
+def test_load_best_model_at_end_restores_the_adapter_of_the_best_checkpoint(tmp_path):
+    model = get_reslora_model(BERT.build(), BERT.config("ms", modules_to_save=["classifier"]))
+    # "best" is the highest eval loss, an early checkpoint, so that restoring it shows (training lowers the loss)
+    run = trainer(model, tmp_path, eval_strategy="steps", eval_steps=1, save_steps=1, load_best_model_at_end=True,
+                  metric_for_best_model="loss", greater_is_better=True)
+    run.train()
+    assert run.state.best_global_step < run.state.global_step
+    best = ResLoraModel.from_pretrained(BERT.build(), run.state.best_model_checkpoint).adapter_state_dict()
+    last = ResLoraModel.from_pretrained(BERT.build(), tmp_path / "out/checkpoint-3").adapter_state_dict()
+    assert all(torch.equal(t, best[n]) for n, t in model.adapter_state_dict().items())
+    assert not all(torch.equal(t, last[n]) for n, t in model.adapter_state_dict().items())
+
+
 def test_resuming_from_the_checkpoint_of_another_config_is_refused_naming_what_differs(tmp_path):
     trainer(get_reslora_model(BERT.build(), BERT.config("ms")), tmp_path, save_steps=2).train()
     other = get_reslora_model(BERT.build(), BERT.config("is"))
