@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -50,3 +51,12 @@ def write_json(path: str | Path, data) -> None:
     """Strict JSON: a NaN or infinity is refused (``ValueError``), never written as the non-standard ``NaN``."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str, allow_nan=False) + "\n")
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's content, read in blocks (mirror files and assets can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -9,7 +9,9 @@ import json
 import math
 import os
 import signal
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
 import pytest
@@ -22,7 +24,7 @@ from reslora.io import write_json
 from reslora.lab import train as loop
 from reslora.lab.records import cell_name, config_hash, identity
 from reslora.lab.tasks.glue import read_mirror_split
-from reslora.lab.tasks.mirror import data_differences
+from reslora.lab.tasks.mirror import FILES_READ, data_differences, files_now
 from test_platform import CONF, needs_data, train
 
 
@@ -94,6 +96,51 @@ def test_a_refused_launch_leaves_a_failure_record_and_the_run_dir_alone(tmp_path
     assert not (run_dir / "record.json").exists()
 
 
+def test_signal_handlers_are_installed_inside_the_run_so_a_failure_to_install_them_is_recorded(tmp_path):
+    """A run in a thread (joblib's threading backend) cannot install signal handlers: that is a failed run with its
+    failure record, not an exception before the run's try block."""
+    outcome = {}
+    worker = threading.Thread(target=lambda: outcome.update(loop.run(composed(tmp_path, "continue_on_failure=true"))))
+    worker.start()
+    worker.join()
+    assert outcome["status"] == "failed" and "signal only works in main thread" in outcome["error"]
+    assert json.loads((tmp_path / "results" / FAILURE).read_text())["status"] == "failed"
+
+
+@needs_data
+def test_a_signal_right_after_the_handlers_are_installed_stops_the_run(tmp_path, monkeypatch):
+    """SIGNALLED is cleared before the handlers are installed, never after: a signal in between is kept."""
+    install = signal.signal
+
+    def install_then_signalled(signum, handler):
+        previous = install(signum, handler)
+        if handler is loop._raise_on_signal and signum == signal.SIGTERM:
+            loop.SIGNALLED.append(signum)  # as if SIGTERM arrived just now
+        return previous
+    monkeypatch.setattr(loop.signal, "signal", install_then_signalled)
+    loop.SIGNALLED.append(signal.SIGINT)  # left over from an earlier run of this process: cleared
+    try:
+        with pytest.raises(SystemExit, match="stopped by signal SIGTERM"):
+            loop.run(composed(tmp_path))
+    finally:
+        loop.SIGNALLED.clear()
+    assert json.loads((tmp_path / "results" / FAILURE).read_text())["status"] == "failed"
+
+
+def test_a_record_that_cannot_be_written_still_ends_the_logger_and_frees_the_run_dir(tmp_path, monkeypatch):
+    finished = []
+    monkeypatch.setattr(loop.RunLogger, "finish", lambda self: finished.append(True))
+
+    def unwritable(*args):
+        raise OSError("could not write the record")
+    monkeypatch.setattr(loop, "write_outcome", unwritable)
+    with pytest.raises(OSError, match="could not write the record"):
+        loop.run(composed(tmp_path, "continue_on_failure=true", "train.max_steps=true"))
+    assert finished == [True]
+    [lock] = (tmp_path / "runs").rglob("run.lock")
+    FileLock(str(lock)).acquire(timeout=0)  # free: another run of the configuration may start
+
+
 def test_a_logger_that_cannot_start_fails_the_run_with_a_failure_record(tmp_path):
     outcome = loop.run(composed(tmp_path, "continue_on_failure=true", "logger.mode=bogus"))
     assert outcome["status"] == "failed" and "logger.mode='bogus'" in outcome["error"]
@@ -137,10 +184,26 @@ def test_a_damaged_checkpoint_is_named_and_set_aside(tmp_path, capsys, content):
     torch.save({"progress": {"step": 1}} if content == "truncated" else content, path)
     if content == "truncated":
         path.write_bytes(path.read_bytes()[:20])
-    assert loop.read_checkpoint(path) is None
+    assert loop.read_checkpoint(path, one_process()) is None
     out = capsys.readouterr().out
     assert f"{path} is not a usable checkpoint" in out and "starting this run afresh" in out
     assert not path.exists() and path.with_name("checkpoint.pt.damaged").is_file()
+
+
+def one_process(main: bool = True, waits: list | None = None):
+    """An Accelerator's face for a process of a launch: is it the main one, and its barrier."""
+    return SimpleNamespace(is_main_process=main, wait_for_everyone=lambda: (waits if waits is not None else []).append(
+        main))
+
+
+def test_only_the_main_process_moves_a_damaged_checkpoint_after_every_process_has_read_it(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    torch.save({}, path)
+    waits = []
+    assert loop.read_checkpoint(path, one_process(main=False, waits=waits)) is None  # rank 1 reads it, leaves it
+    assert path.is_file() and waits == [False, False]  # and waits for the main process's move, before and after
+    assert loop.read_checkpoint(path, one_process(main=True, waits=waits)) is None  # rank 0 then moves it
+    assert not path.exists() and path.with_name("checkpoint.pt.damaged").is_file() and waits[2:] == [True, True]
 
 
 # ---- mirror files --------------------------------------------------------------------------------------------------
@@ -196,15 +259,39 @@ def test_an_edit_with_its_mtime_restored_is_not_taken_from_the_hash_cache(tmp_pa
 
 
 # ---- reuse only the same computation -------------------------------------------------------------------------------
-def test_data_differences_name_each_file_read_unverified_gone_or_changed(tmp_path):
+def test_data_differences_name_each_file_changed_gone_new_or_read_without_a_hash(tmp_path):
     content = (MRPC_HEADER + "1\t1\t2\ta\tb\n").encode()
     mirror = mirror_with(tmp_path, "MRPC", "dev.tsv", content)
-    read = {"glue_data/MRPC/dev.tsv": {"verified": True, "sha256": hashlib.sha256(content).hexdigest()}}
-    assert data_differences(read, mirror) == []
-    (mirror / "glue_data/MRPC/dev.tsv").write_bytes(content.replace(b"\ta\t", b"\tz\t"))
-    assert data_differences(read, mirror)[0].startswith("glue_data/MRPC/dev.tsv: sha256 ")
-    assert data_differences(read, None) == ["glue_data/MRPC/dev.tsv is not in the mirror None"]
-    assert data_differences({"/x/dev.tsv": {"verified": False}}, mirror) == ["/x/dev.tsv was read unverified"]
+    name, cache = "glue_data/MRPC/dev.tsv", tmp_path / "cache"
+    read = {name: {"verified": True, "sha256": hashlib.sha256(content).hexdigest()}}
+    assert data_differences(read, files_now(read, mirror, cache)) == []
+    assert name in json.loads((cache / "mirror_sha256.json").read_text()).popitem()[0]  # hashed through the cache
+    (mirror / name).write_bytes(content.replace(b"\ta\t", b"\tz\t"))
+    assert data_differences(read, files_now(read, mirror, cache))[0].startswith(f"{name}: sha256 ")
+    assert data_differences(read, files_now(read, None, cache)) == [f"{name} is not in the mirror now"]
+    assert data_differences({}, read) == [f"{name} was not read then"]
+    old = {name: {"verified": False}}  # an older record's unverified read: no sha256 to compare
+    assert data_differences(old, read) == [f"{name} was read unverified, without a sha256"]
+
+
+def test_a_file_read_unverified_is_recorded_by_its_place_in_the_mirror_with_its_sha256(tmp_path):
+    content = (MRPC_HEADER + "1\t1\t2\ta\tb\n").encode()
+    mirror = mirror_with(tmp_path, "MRPC", "dev.tsv", content, listed=False)
+    FILES_READ.clear()
+    read_mirror_split("mrpc", mirror, "dev.tsv", tmp_path / "cache", allow_unlisted=True)
+    assert FILES_READ == {"glue_data/MRPC/dev.tsv": {"verified": False, "sha256": hashlib.sha256(content).hexdigest()}}
+    FILES_READ.clear()
+
+
+def test_skip_done_and_resume_judge_data_by_one_rule():
+    """A record (skip_done) and a checkpoint (resume) made from the same files, read unverified, are the same data
+    to both; made from an older unverified read without a sha256, to neither."""
+    config = {"seed": 0, "data": {"mirror": "/m"}}
+    now = {"glue_data/MRPC/dev.tsv": {"verified": False, "sha256": "a"}}
+    for then, same in ((now, True), ({"glue_data/MRPC/dev.tsv": {"verified": False}}, False)):
+        made = {"config": config, "data_files": then, "code": "f1"}
+        assert (loop.computation_differences(made, config, now) == []) == same
+        assert (loop.other_computation(made, config, now, "f1") is None) == same
 
 
 def test_a_checkpoint_is_resumed_only_by_the_same_config_data_and_code():

@@ -227,6 +227,14 @@ def test_bad_overrides_fail_fast_with_a_readable_message(tmp_path, override, exp
     assert expected in result.stderr + result.stdout
 
 
+def test_a_run_dir_whose_log_cannot_be_written_is_named(tmp_path):
+    log = tmp_path / "runs/smoke/default/mrpc/lora/seed0/train.log"
+    log.mkdir(parents=True)  # a directory where Hydra's log file goes: unwritable, even by root
+    result = train(tmp_path, "task=mrpc", "method=lora", check=False)
+    assert result.returncode != 0 and f"could not write the run's log {log}: Is a directory" in result.stderr
+    assert "Unable to configure handler" not in result.stderr
+
+
 def test_missing_data_says_which_file_and_how_to_get_it(tmp_path):
     (tmp_path / "mirror").mkdir()
     result = train(tmp_path, f"data.mirror={tmp_path / 'mirror'}", "task=qnli", check=False)

@@ -14,8 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from reslora.lab.records import (RecordError, cell_name, check_path_names, load_records, rounding_tolerance,
-                                 variant_overrides)
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from reslora.lab.records import (RecordError, cell_name, check_path_names, load_records, override_defaults,
+                                 rounding_tolerance, variant_overrides)
 from reslora.lab.tasks.glue import compute_metrics
 from test_platform import ROOT, needs_data, train
 
@@ -161,11 +164,57 @@ def test_one_configuration_is_one_cell_however_its_overrides_are_spelled():
 
 
 def test_committed_cells_keep_their_names():
-    for path in COMMITTED.glob("*/*/*/*/seed*.json"):
-        record = json.loads(path.read_text())
-        variants = variant_overrides(record["overrides"], record["config"])
-        assert variants == record["variant_overrides"], path
-        assert cell_name(record["method"], variants, record["config"]) == record["cell"], path
+    """As experiments/train.py names a cell: an override that leaves its key at its default names no variant, unless
+    the key is an axis of the experiment's sweep (the lr sweep's rates; fig3_base's guidance scales, 2.0 the
+    default among them, keep their cells)."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        axes = {}
+
+        def swept(experiment: str | None) -> set:
+            if experiment not in axes:
+                hydra = compose("config", overrides=[f"experiment={experiment}"] if experiment else [],
+                                return_hydra_config=True).hydra
+                axes[experiment] = set(hydra.sweeper.get("params") or {})
+            return axes[experiment]
+
+        def composed(overrides: list[str]) -> dict:
+            return OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
+        for path in COMMITTED.glob("*/*/*/*/seed*.json"):
+            record = json.loads(path.read_text())
+            experiment = (record.get("choices") or {}).get("experiment") or record["tag"]
+            experiment = experiment if (ROOT / "conf/experiment" / f"{experiment}.yaml").is_file() else None
+            defaults = override_defaults(record["overrides"], swept(experiment), composed)
+            variants = variant_overrides(record["overrides"], record["config"], defaults)
+            assert variants == record["variant_overrides"], path
+            assert cell_name(record["method"], variants, record["config"]) == record["cell"], path
+    assert "task.guidance_scale" in axes["fig3_base"] and "train.lr" in axes["lr_sweep"]
+
+
+def test_an_override_that_leaves_its_key_at_its_default_names_no_variant():
+    """One configuration is one cell: train.lr=2e-3 at a scale whose rate is 2e-3 is that scale's own cell, unless
+    the experiment sweeps train.lr (its cells are named by the rate, the default's too)."""
+    composed = []
+
+    def compose_without(overrides):  # the config of the command line without its free overrides
+        composed.append(overrides)
+        return {"seed": 0, "train": {"lr": 0.002, "bf16": True, "batch_size": 16}}
+    line = ["method=lora", "train.lr=2e-3", "train.bf16=1", "train.batch_size=32"]
+    config = {"seed": 0, "train": {"lr": 0.002, "bf16": 1, "batch_size": 32}}
+    defaults = override_defaults(line, set(), compose_without)
+    assert composed == [["method=lora"]] and defaults == {"train.lr": 0.002, "train.bf16": True, "train.batch_size": 16}
+    # 1 is not true (another identity, another cell); the batch size is another configuration
+    assert variant_overrides(line, config, defaults) == ["train.batch_size=32", "train.bf16=1"]
+    assert variant_overrides(["train.lr=0.002"], config, defaults) == []
+    assert cell_name("lora", variant_overrides(["train.lr=2e-3"], config, defaults), config) == "lora"
+    assert override_defaults(["train.lr=2e-3"], {"train.lr"}, compose_without) == {}  # a sweep axis: kept
+    assert override_defaults(["method=lora", "seed=1"], set(), compose_without) == {} and len(composed) == 1
+
+
+@pytest.mark.slow
+@needs_data
+def test_a_run_with_an_override_at_its_default_publishes_the_cell_of_its_configuration(tmp_path):
+    train(tmp_path, "task=rte", "method=lora", "train.lr=1e-3", "train.max_steps=4")  # smoke's own rate and steps
+    assert [p.parent.name for p in (tmp_path / "results/records/smoke/default/rte").glob("*/seed0.json")] == ["lora"]
 
 
 @pytest.mark.parametrize("names, named", [({"tag": "../cpu/table2"}, "tag='../cpu/table2' is invalid"),
@@ -182,11 +231,13 @@ def test_a_value_that_becomes_a_path_must_be_a_plain_name(names, named):
     check_path_names({"tag": "table2", "method.name": "reslora_bs_pre-1", "seed": 3})
 
 
-@needs_data
-def test_a_tag_that_leaves_its_directory_is_refused_before_anything_is_written(tmp_path):
-    result = train(tmp_path, "task=mrpc", "method=lora", "tag=../escaped", check=False)
-    assert result.returncode != 0 and "tag='../escaped' is invalid" in result.stderr
-    assert not (tmp_path / "results").exists()
+@pytest.mark.parametrize("line, named", [("tag=../escaped", "tag='../escaped' is invalid"),
+                                         ("tag=table2,../x", "tag='../x' is invalid"),
+                                         ("seed=0,../../x", "seed='../../x' is invalid")])
+def test_a_path_name_that_leaves_its_directory_is_refused_before_any_directory_is_made(tmp_path, line, named):
+    result = train(tmp_path, "-m" if "," in line else "task=mrpc", "method=lora", line, check=False)
+    assert result.returncode != 0 and named in result.stderr
+    assert list(tmp_path.iterdir()) == []  # not even Hydra's run dir
 
 
 @pytest.mark.slow

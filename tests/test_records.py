@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from _models import BERT, TOY, randomize
 from reslora import ResLoraConfig, ResLoraModel, get_reslora_model
 from reslora.lab.records import (RecordError, cell_name, config_hash, identity, load_records, provenance,
-                                 require_provenance, shape_overrides, variant_overrides)
+                                 require_provenance, variant_overrides)
 from reslora.lab.tasks.glue import read_mirror_split
 from reslora.lab.train import validate_config
 from test_platform import CONF, MIRROR, ROOT, needs_data, train
@@ -48,13 +48,13 @@ def test_a_failed_launch_leaves_the_published_record_byte_identical(tmp_path):
 
 @needs_data
 def test_a_sweep_over_any_key_keeps_one_record_per_configuration(tmp_path):
-    result = train(tmp_path, "-m", "task=mrpc", "method=lora", "train.lr=1e-3,2e-3")
+    result = train(tmp_path, "-m", "task=mrpc", "method=lora", "train.lr=2e-3,4e-3")  # smoke's own rate: 1e-3
     assert result.stdout.count("[reslora] mrpc/lora__train.lr=") == 2  # each run ends with its summary line
     cells = sorted(p.parent.name for p in (tmp_path / "results/records/smoke/default/mrpc").glob("*/seed0.json"))
     assert len(cells) == 2 and all(c.startswith("lora__train.lr=") for c in cells)
     records = [json.loads(p.read_text()) for p in (tmp_path / "results/records/smoke/default/mrpc").glob("*/seed0.json")]
-    assert {r["config"]["train"]["lr"] for r in records} == {1e-3, 2e-3}
-    assert {tuple(r["variant_overrides"]) for r in records} == {("train.lr=0.001",), ("train.lr=0.002",)}  # as Hydra writes the sweep values
+    assert {r["config"]["train"]["lr"] for r in records} == {2e-3, 4e-3}
+    assert {tuple(r["variant_overrides"]) for r in records} == {("train.lr=0.002",), ("train.lr=0.004",)}  # as Hydra writes the sweep values
     # the grid's own cells are what the tables read; variants only when asked
     assert load_records(tmp_path / "results", "smoke", "default") == []
     assert len(load_records(tmp_path / "results", "smoke", "default", variants=True)) == 2
@@ -97,11 +97,11 @@ def test_a_runs_shape_names_its_cell_and_run_dir_only_away_from_one_process_and_
         made = json.loads(path.read_text())
         config = {**made["config"], "num_processes": 1}  # as a run sets it now
         assert config["threads"] == 1 and identity(config) == identity(made["config"])
-        assert cell_name(made["method"], made["variant_overrides"] + shape_overrides(config), config) == path.parent.name
+        assert cell_name(made["method"], made["variant_overrides"], config) == path.parent.name
         for shape in ({"num_processes": 2}, {"threads": 2}):
             other = {**config, **shape}
             key, value = next(iter(shape.items()))
-            cell = cell_name(made["method"], made["variant_overrides"] + shape_overrides(other), other)
+            cell = cell_name(made["method"], made["variant_overrides"], other)
             assert cell != path.parent.name and f"{key}={value}" in cell
             assert config_hash(identity(other)) != config_hash(identity(config))
     assert variant_overrides(["threads=2", "threads=1", "train.lr=1e-3"]) == ["train.lr=1e-3"]

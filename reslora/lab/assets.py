@@ -15,10 +15,11 @@ differ in the last bits (its vector kernels round otherwise), which is why the s
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
+
+from ..io import file_sha256
 
 ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets"
 SHA256SUMS = "SHA256SUMS"
@@ -26,14 +27,6 @@ SHA256SUMS = "SHA256SUMS"
 
 class AssetMismatch(ValueError):
     """An asset whose file is not the one its committed sha256 names."""
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def committed_hashes() -> dict[str, str]:

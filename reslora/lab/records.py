@@ -6,7 +6,9 @@ How a record is made and published:
   Its *shape* (processes and torch threads, ``SHAPE_KEYS``) changes the numbers too: away from one process and one
   thread it is part of the identity and of the cell.
 - A *cell* is ``task/method/seed``; a run with overrides beyond the grid keys (``train.lr=1e-3``) is a cell of
-  its own, named ``method__<overrides>-<hash>``, so a sweep over any key keeps one record per configuration.
+  its own, named ``method__<overrides>-<hash>``, so a sweep over any key keeps one record per configuration. An
+  override that leaves its key at its default names no variant, unless the experiment sweeps that key
+  (``override_defaults``); values are normalised (``1e-3`` and ``0.001`` are one cell).
 - Only a run that finished ``ok`` publishes ``results/records/<scale>/<tag>/<task>/<cell>/seed<N>.json``,
   atomically. A failed, killed or refused run leaves its record in the run dir and a copy under
   ``results/failures/``; it never touches a published record.
@@ -108,8 +110,9 @@ class RecordError(ValueError):
 
 # ---- identity: what a run computes -------------------------------------------------------------------------
 def identity(config: dict) -> dict:
-    """``config`` without the run-control keys, and without the shape keys at 1."""
-    out = {k: v for k, v in config.items() if k not in RUN_CONTROL_KEYS and not (k in SHAPE_KEYS and v == 1)}
+    """``config`` without the run-control keys, and with only the shape keys away from 1 (``run_shape``)."""
+    out = {k: v for k, v in config.items() if k not in RUN_CONTROL_KEYS and k not in SHAPE_KEYS}
+    out.update(run_shape(config))
     for key in RUN_CONTROL_KEYS:
         head, _, tail = key.partition(".")
         if tail and isinstance(out.get(head), dict):
@@ -138,26 +141,53 @@ def override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def variant_overrides(overrides, config: dict | None = None) -> list[str]:
+MISSING = object()
+
+
+def value_at(config: dict, key: str):
+    """The value of the dotted ``key`` in a nested dict; ``MISSING`` when it has none."""
+    value = config
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return MISSING
+        value = value[part]
+    return value
+
+
+def variant_overrides(overrides, config: dict | None = None, defaults: dict | None = None) -> list[str]:
     """The command-line overrides that make a run a variant of its cell: neither grid nor run-control keys; with
-    ``config`` (the composed one), each written as ``normalised_override`` does."""
+    ``config`` (the composed one), each written as ``normalised_override`` does. ``defaults`` ({key: value}, from
+    ``override_defaults``): an override that leaves its key at that value changes nothing and names no variant."""
     def steers(key: str) -> bool:  # method=... names the row; method.pre_num=0 makes a variant of it
         return (key in GRID_KEYS or key in SHAPE_KEYS or key.startswith(("hydra.", "hydra/"))
                 or any(key == k or key.startswith(k + ".") for k in RUN_CONTROL_KEYS))
-    variants = [o for o in overrides if not steers(override_key(o))]
+
+    def changes(override: str) -> bool:  # compared as JSON: true and 1 are two configurations, not one
+        key = override_key(override)
+        return key not in (defaults or {}) or json.dumps(value_at(config, key), sort_keys=True, default=str) != \
+            json.dumps(defaults[key], sort_keys=True, default=str)
+    variants = [o for o in overrides if not steers(override_key(o)) and (config is None or changes(o))]
     return sorted(normalised_override(o, config) if config is not None else o for o in variants)
+
+
+def override_defaults(overrides, swept, compose) -> dict:
+    """{key: the value it has without them} for the variant overrides that are not an axis of the experiment's sweep
+    (``swept``: the keys of its ``hydra.sweeper.params``); ``compose(overrides)``: the config those overrides compose,
+    as a dict. With them ``variant_overrides`` drops an override that sets its key to its default, so that
+    ``train.lr=<the scale's rate>`` is the scale's own cell. A swept key names its cell at every value, its default
+    included: a sweep's cells (and the table that reads them) are named by it."""
+    free = [o for o in variant_overrides(overrides) if override_key(o) not in swept]
+    if not free:
+        return {}
+    config = compose([o for o in overrides if o not in free])
+    return {override_key(o): value for o in free if (value := value_at(config, override_key(o))) is not MISSING}
 
 
 def normalised_override(override: str, config: dict) -> str:
     """``key=value`` with a number or boolean written as the composed config holds it, so that one configuration
     is one cell however it was typed (``train.lr=1e-3`` and a sweep's ``train.lr=0.001`` both name
     ``train.lr=0.001``); any other value (a string, a list, a key the config lacks) as typed."""
-    key = override.split("=", 1)[0]
-    value = config
-    for part in override_key(override).split("."):
-        if not isinstance(value, dict) or part not in value:
-            return override
-        value = value[part]
+    key, value = override.split("=", 1)[0], value_at(config, override_key(override))
     if isinstance(value, bool):
         return f"{key}={str(value).lower()}"
     if isinstance(value, (int, float)):
@@ -165,6 +195,8 @@ def normalised_override(override: str, config: dict) -> str:
     return override
 
 
+# The config keys whose values name directories of a run dir and of its record.
+PATH_KEYS = ("scale.name", "tag", "task.name", "method.name", "seed")
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.,=+-]*")
 
 
@@ -187,18 +219,15 @@ def run_shape(config: dict) -> dict:
     return {key: config[key] for key in SHAPE_KEYS if config.get(key, 1) != 1}
 
 
-def shape_overrides(config: dict) -> list[str]:
-    """``key=value`` per shape key away from 1: with the variant overrides, they name a run's cell."""
-    return [f"{key}={value}" for key, value in run_shape(config).items()]
-
-
 SLUG_CHARS = 120
 
 
 def cell_name(method: str, variants: list[str], config: dict) -> str:
-    """``method`` for the grid's own configuration; ``method__key=value,...-<hash>`` for a variant, the hash
-    over the identity without the seed, so every seed of a variant shares the cell. The key=value part is cut at
-    ``SLUG_CHARS`` (the hash keeps the name unique), so that a directory name stays under the 255-byte limit."""
+    """``method`` for the grid's own configuration; ``method__key=value,...-<hash>`` for a variant (``variants``,
+    then ``key=value`` per shape key away from 1: ``run_shape``), the hash over the identity without the seed, so
+    every seed of a variant shares the cell. The key=value part is cut at ``SLUG_CHARS`` (the hash keeps the name
+    unique), so that a directory name stays under the 255-byte limit."""
+    variants = [*variants, *(f"{key}={value}" for key, value in run_shape(config).items())]
     if not variants:
         return method
     slug = ",".join(variants).replace("/", "_").replace(" ", "")[:SLUG_CHARS]
@@ -273,7 +302,7 @@ def placement_problems(record: dict, relative: Path) -> list[str]:
                  "method": config.get("method", {}).get("name"), "tag": config.get("tag"), "seed": config.get("seed")}
     problems += [f"its {key} is {record[key]!r} but its config's is {value!r}" for key, value in in_config.items()
                  if record[key] != value]
-    expected_cell = cell_name(record["method"], record.get("variant_overrides", []) + shape_overrides(config), config)
+    expected_cell = cell_name(record["method"], record.get("variant_overrides", []), config)
     if record["cell"] != expected_cell:
         problems.append(f"its cell is {record['cell']!r} but its method, overrides and config name {expected_cell!r}")
     return problems

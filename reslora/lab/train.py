@@ -32,11 +32,11 @@ from ..io import atomic_path
 from ..merge import delta_norms
 from ..model import ResLoraModel, role_name, trainable_state
 from .methods import apply_method, eval_modes, evaluated_as
-from .records import (RecordError, RunRecord, cell_name, check_path_names, config_hash, differing_keys, environment,
-                      failure_path, identity, is_dirty, publish, read_record, record_path, require_provenance,
-                      shape_overrides, variant_overrides, write_record)
+from .records import (PATH_KEYS, RecordError, RunRecord, cell_name, check_path_names, config_hash, differing_keys,
+                      environment, failure_path, identity, is_dirty, publish, read_record, record_path,
+                      require_provenance, variant_overrides, write_record)
 from .tasks import build_task
-from .tasks.mirror import FILES_READ, data_differences
+from .tasks.mirror import FILES_READ, data_differences, files_now
 from .wandb_logger import RunLogger, run_id
 
 
@@ -75,6 +75,7 @@ def validate_config(cfg) -> None:
     """Every setting the loop reads, checked once before anything runs: a bad value fails naming its key, the value
     and what is accepted (not as a numpy or torch error later, nor as a run that trains on nothing)."""
     t, d = cfg.train, cfg.data
+    precisions = mixed_precision_modes()
     checks = [("train.lr", t.lr, _number(t.lr) and t.lr > 0, "a positive number"),
               ("train.batch_size", t.batch_size, _integer(t.batch_size) and t.batch_size >= 1, "an integer >= 1"),
               ("train.eval_batch_size", t.eval_batch_size, _integer(t.eval_batch_size) and t.eval_batch_size >= 1,
@@ -88,8 +89,8 @@ def validate_config(cfg) -> None:
                   _number(t.max_grad_norm) and t.max_grad_norm >= 0), "a number > 0, or 0 or null for no clipping"),
               ("train.test_modes", t.test_modes, t.test_modes in ("all", "headline"),
                "'all' (test in every eval mode) or 'headline' (in the first only)"),
-              ("train.mixed_precision", t.mixed_precision, t.mixed_precision in mixed_precision_modes(),
-               f"one of {mixed_precision_modes()} on this machine"),
+              ("train.mixed_precision", t.mixed_precision, t.mixed_precision in precisions,
+               f"one of {precisions} on this machine"),
               ("data.max_length", d.max_length, _integer(d.max_length) and d.max_length >= 1, "an integer >= 1")]
     for name, value, ok, accepted in checks:
         if not ok:
@@ -158,10 +159,10 @@ def load_method_state(model, state: dict) -> None:
 CHECKPOINT_KEYS = ("config", "model", "optimizer", "scheduler", "progress", "rng")
 
 
-def read_checkpoint(path: Path) -> dict | None:
+def read_checkpoint(path: Path, accelerator) -> dict | None:
     """The checkpoint at ``path``, or None when it is damaged (unreadable, truncated, or lacking part of what a resume
     restores): then it is moved aside to ``<name>.damaged`` and the run starts afresh, saying so; never a resume from
-    part of a state."""
+    part of a state. Every process of the launch reads it and comes to the same answer."""
     try:
         saved = torch.load(path, weights_only=False)
         problem = (None if isinstance(saved, dict) and all(k in saved for k in CHECKPOINT_KEYS)
@@ -171,28 +172,43 @@ def read_checkpoint(path: Path) -> dict | None:
         problem = f"{type(error).__name__}: {error}"
     if problem is None:
         return saved
-    set_aside(path, problem, "damaged")
+    set_aside(path, problem, accelerator, "damaged")
     return None
 
 
-def set_aside(checkpoint: Path, why: str, suffix: str = "other") -> None:
-    """Move a checkpoint this run will not resume from to ``<name>.<suffix>`` and say why: the run starts afresh."""
-    aside = checkpoint.with_name(f"{checkpoint.name}.{suffix}")
-    checkpoint.replace(aside)
-    print(f"{checkpoint} is not a usable checkpoint ({why}); moved to {aside}, starting this run afresh")
+def set_aside(checkpoint: Path, why: str, accelerator, suffix: str = "other") -> None:
+    """Move a checkpoint this run will not resume from to ``<name>.<suffix>`` and say why: the run starts afresh.
+    Every process calls it; the main one moves the file once all have read it, and the others wait for the move."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        aside = checkpoint.with_name(f"{checkpoint.name}.{suffix}")
+        checkpoint.replace(aside)
+        print(f"{checkpoint} is not a usable checkpoint ({why}); moved to {aside}, starting this run afresh")
+    accelerator.wait_for_everyone()
+
+
+def computation_differences(made: dict, config: dict, data_files: dict) -> list[str]:
+    """How what a record or checkpoint was ``made`` from differs from this run: its identity config, and the data it
+    read (``data_differences``: the sha256 of each mirror file, against ``data_files``, the files as they are now).
+    Empty: the same configuration on the same data. skip_done and resume both reuse only that."""
+    why = []
+    differ = differing_keys(identity(made["config"]), identity(config))
+    if differ:
+        why.append(f"with another config ({'; '.join(differ[:10])})")
+    changed = data_differences(made.get("data_files") or {}, data_files)
+    if changed:
+        why.append(f"from other data ({'; '.join(changed[:4])})")
+    return why
 
 
 def other_computation(saved: dict, config: dict, data_files: dict, code: str | None) -> str | None:
-    """How the run that saved a checkpoint differs from this one: its config, the data it read (sha256 of the mirror
-    files) or its code (the fingerprint of the tracked code); None when it is the same computation."""
-    differ = differing_keys(identity(saved["config"]), identity(config))
-    if differ:
-        return f"with another config ({'; '.join(differ[:10])})"
-    if saved.get("data_files") != data_files:
-        return f"from other data ({'; '.join(differing_keys(saved.get('data_files') or {}, data_files)[:4])})"
+    """How the run that saved a checkpoint differs from this one: ``computation_differences`` (config, data), or its
+    code (the fingerprint of the tracked code: a half-finished run is never continued by other code); None when it
+    is the same computation."""
+    why = computation_differences(saved, config, data_files)
     if saved.get("code") != code:
-        return f"by other code (fingerprint {saved.get('code')}, this code's {code})"
-    return None
+        why.append(f"by other code (fingerprint {saved.get('code')}, this code's {code})")
+    return " and ".join(why) or None
 
 
 def batch_stream(loader, accelerator, epoch: int, start: int):
@@ -205,16 +221,17 @@ def batch_stream(loader, accelerator, epoch: int, start: int):
         epoch, start = epoch + 1, 0
 
 
-def run(cfg, overrides=(), choices: dict | None = None) -> dict:
+def run(cfg, overrides=(), choices: dict | None = None, defaults: dict | None = None) -> dict:
     """Train and evaluate one configuration. ``overrides``: the command line's (they name a variant cell);
     ``choices``: the config group options Hydra picked (recorded, so that ``make check-records`` can compose
-    the same config again). The run dir is keyed by the identity hash; only an ok run publishes its record."""
+    the same config again); ``defaults``: the value each override's key has without it (``override_defaults``: an
+    override that changes nothing names no variant). The run dir is keyed by the identity hash; only an ok run
+    publishes its record."""
     config = OmegaConf.to_container(cfg, resolve=True)
     config["num_processes"] = launched_processes()  # the launcher's, not Hydra's: part of the run's shape
-    check_path_names({"tag": cfg.tag, "scale.name": cfg.scale.name, "task.name": cfg.task.name,
-                      "method.name": cfg.method.name, "seed": cfg.seed})  # before any path is made of them
-    variants = variant_overrides(overrides, config)
-    cell = cell_name(cfg.method.name, variants + shape_overrides(config), config)
+    check_path_names({key: OmegaConf.select(cfg, key) for key in PATH_KEYS})  # before any path is made of them
+    variants = variant_overrides(overrides, config, defaults)
+    cell = cell_name(cfg.method.name, variants, config)
     where = (cfg.results_dir, cfg.scale.name, cfg.tag, cfg.task.name, cell, cfg.seed)
     published, failure = record_path(*where), failure_path(*where)
     run_dir = Path(cfg.runs_dir, cfg.scale.name, cfg.tag, cfg.task.name, cell, f"seed{cfg.seed}",
@@ -225,15 +242,16 @@ def run(cfg, overrides=(), choices: dict | None = None) -> dict:
         print(f"skip: {published} exists with this config")
         return {"status": "skipped", "record": str(published)}
     lock = FileLock(str(run_dir / "run.lock"))
-    logger, outcome, start, times = None, {}, time.time(), {}
-    previous_handlers = {signum: signal.signal(signum, _raise_on_signal) for signum in STOP_SIGNALS}
-    SIGNALLED.clear()
+    logger, outcome, start, times, previous_handlers = None, {}, time.time(), {}, {}
+    SIGNALLED.clear()  # before the handlers: a signal that arrives once they are installed stops this run
     try:
+        for signum in STOP_SIGNALS:
+            previous_handlers[signum] = signal.signal(signum, _raise_on_signal)
         acquire_run_dir(lock, run_dir)
         logger = RunLogger(cfg.logger, name=f"{cfg.task.name}-{cell}-seed{cfg.seed}",
                            group=f"{cfg.scale.name}/{cfg.tag}", config=config, run_dir=run_dir,
                            tags=[cfg.task.name, cfg.method.name, cfg.method.get("variant", cfg.method.kind),
-                                 cfg.scale.name, cfg.tag], main_process=int(os.environ.get("RANK", 0)) == 0)
+                                 cfg.scale.name, cfg.tag], main_process=is_main_launch())
         validate_config(cfg)
         computed = train_and_evaluate(cfg, config, run_dir, times, logger, provenance["git"].get("fingerprint"))
         for mode, splits in computed["final"].items():
@@ -258,19 +276,27 @@ def run(cfg, overrides=(), choices: dict | None = None) -> dict:
             "cell": cell, "seed": cfg.seed, "scale": cfg.scale.name, "tag": cfg.tag, "overrides": list(overrides),
             "variant_overrides": variants, "choices": dict(choices or {}), "config": config, **provenance,
             **outcome, "time_s": times, "wall_time_s": wall_time, "peak_memory_mb": peak_memory_mb()}
-        if record.get("is_main_process", int(os.environ.get("RANK", 0)) == 0):
-            # a refused run leaves the run dir to the process that holds it
-            write_outcome(record, None if record["status"] == "refused" else run_dir, published, failure, logger)
-        if logger is not None:
-            logger.finish()
-        if lock.is_locked:
-            lock.release()
+        try:
+            if record.get("is_main_process", is_main_launch()):
+                # a refused run leaves the run dir to the process that holds it
+                write_outcome(record, None if record["status"] == "refused" else run_dir, published, failure, logger)
+        finally:  # a record that cannot be written still ends the logger's run and frees the run dir
+            if logger is not None:
+                logger.finish()
+            if lock.is_locked:
+                lock.release()
     return record
 
 
 def launched_processes() -> int:
     """How many processes the launch runs (``accelerate launch`` and torchrun set WORLD_SIZE; a plain run: 1)."""
     return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main_launch() -> bool:
+    """Whether this is the launch's main process (RANK 0, as ``accelerate launch`` and torchrun set it; a plain run
+    is): it holds the run dir's lock, logs to W&B and writes the record. Known before the Accelerator exists."""
+    return int(os.environ.get("RANK", 0)) == 0
 
 
 class RunDirInUse(RuntimeError):
@@ -281,7 +307,7 @@ def acquire_run_dir(lock: FileLock, run_dir: Path) -> None:
     """One launch per run dir (its main process holds the lock for all of a distributed launch's processes)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        if int(os.environ.get("RANK", 0)) == 0:
+        if is_main_launch():
             lock.acquire(timeout=0)
     except Timeout:
         raise RunDirInUse(f"{run_dir} is in use by another process running the same configuration ({lock.lock_file} "
@@ -300,17 +326,13 @@ def already_done(published: Path, config: dict, provenance: dict) -> bool:
         return False
     if existing is None:
         return False
-    why = []
-    differ = differing_keys(identity(existing["config"]), identity(config))
-    if differ:
-        why.append(f"with another config ({'; '.join(differ[:10])})")
+    made_from = existing.get("data_files") or {}
+    why = computation_differences(existing, config, files_now(made_from, config["data"]["mirror"],
+                                                               config["data"]["cache_dir"]))
     if is_dirty(existing):
         made_by, this = (existing.get("git") or {}).get("fingerprint"), provenance["git"].get("fingerprint")
         if not is_dirty(provenance) or made_by != this:
             why.append(f"from a tree with uncommitted changes (code fingerprint {made_by}; this code's {this})")
-    changed = data_differences(existing.get("data_files") or {}, config["data"].get("mirror"))
-    if changed:
-        why.append(f"from other data ({'; '.join(changed[:4])})")
     if why:
         print(f"rerun: {published} was made " + " and ".join(why))
     return not why
@@ -454,7 +476,7 @@ def train_and_evaluate(cfg, config: dict, run_dir: Path, times: dict, logger: Ru
         **({"split_note": task.split_note} if getattr(task, "split_note", None) else {})}  # when the mirror split
     if cfg.method.kind == "none":
         return {**setup, **evaluate_base(cfg, task, base, splits, accelerator, logger, times)}
-    steps_per_epoch = math.ceil(len(splits["train"]) / (t.batch_size * t.grad_accum * accelerator.num_processes))
+    steps_per_epoch = math.ceil(len(splits["train"]) / setup["effective_batch"])
     total_steps = t.max_steps or t.epochs * steps_per_epoch
     set_seed(cfg.seed)
     model = apply_method(base, cfg.method, cfg.model, total_steps)
@@ -503,10 +525,10 @@ def train_and_evaluate(cfg, config: dict, run_dir: Path, times: dict, logger: Ru
     checkpoint = run_dir / "checkpoint.pt"
     progress = {"step": 0, "epoch": 0, "position": 0, "train_loss": [], "eval": [], "grad_norms": [], "best": None}
     pending_rng = None
-    saved = read_checkpoint(checkpoint) if checkpoint.is_file() else None
+    saved = read_checkpoint(checkpoint, accelerator) if checkpoint.is_file() else None
     other = saved and other_computation(saved, config, setup["data_files"], code)
     if other:  # a half-finished run is only ever continued by the same computation
-        set_aside(checkpoint, f"it was made {other}")
+        set_aside(checkpoint, f"it was made {other}", accelerator)
         saved = None
     if saved is not None:
         unwrapped.load_state_dict(saved["model"], strict=False)

@@ -118,15 +118,14 @@ def read_mirror_split(task: str, mirror: Path, filename: str, cache_dir: str | P
                              "is truncated or malformed (compare it with the mirror's manifest.json)")
     index = {name: header.index(col) for name, col in spec.columns.items()}
     data = {name: [row[i] for row in rows] for name, i in index.items()}
+    label_of, accepted = _label_reader(spec)
+    labels = []
     for line, value in enumerate(data["label"], start=first_line):
-        if not _valid_label(spec, value):
-            raise ValueError(f"{path}, line {line}: label {value!r} is not one of the accepted values "
-                             f"({_accepted_labels(spec)})")
-    if spec.labels:
-        data["label"] = [spec.labels[v] for v in data["label"]]
-    else:
-        data["label"] = [(float if spec.num_labels == 1 else int)(v) for v in data["label"]]
-    data["idx"] = list(range(len(rows)))
+        label = label_of(value)
+        if label is None:
+            raise ValueError(f"{path}, line {line}: label {value!r} is not one of the accepted values ({accepted})")
+        labels.append(label)
+    data["label"], data["idx"] = labels, list(range(len(rows)))
     return Dataset.from_dict(data)
 
 
@@ -142,23 +141,19 @@ def _utf8_text(path: Path) -> str:
                          "UTF-8: restore it from its source") from None
 
 
-def _accepted_labels(spec: GlueSpec) -> str:
-    if spec.labels:
-        return str(sorted(spec.labels))
-    return "a finite number" if spec.num_labels == 1 else str([str(i) for i in range(spec.num_labels)])
-
-
-def _valid_label(spec: GlueSpec, value: str) -> bool:
-    """Whether ``value`` (as the file holds it) is one of the task's labels: a listed text, a class id below
-    ``num_labels``, or (STS-B) a finite score."""
-    if spec.labels:
-        return value in spec.labels
-    if spec.num_labels > 1:
-        return value in [str(i) for i in range(spec.num_labels)]
-    try:
-        return math.isfinite(float(value))
-    except ValueError:
-        return False
+def _label_reader(spec: GlueSpec):
+    """(label of a value as the file holds it, or None when the task does not accept it; the accepted values, for an
+    error): a listed text, a class id below ``num_labels``, or (STS-B) a finite score. Built once per file."""
+    if spec.num_labels == 1:
+        def score(value: str) -> float | None:
+            try:
+                number = float(value)
+            except ValueError:
+                return None
+            return number if math.isfinite(number) else None
+        return score, "a finite number"
+    labels = spec.labels or {str(i): i for i in range(spec.num_labels)}
+    return labels.get, str(sorted(labels) if spec.labels else list(labels))
 
 
 class GlueTask:
