@@ -458,18 +458,50 @@ def lr_sweep(results: Path, scale: str) -> Path:
     return out
 
 
-FIG3_ROWS = experiment_design("fig3")["methods"]
+FIG3 = experiment_design("fig3")
+FIG3_ROWS, FIG3_MATCHED = FIG3["methods"], list(FIG3.get("matched", {}).items())
+SAMPLER_KEYS = ("guidance_scale", "sample_eta")  # the sampler fig3_base's validation score picks
 
 
 def mean_std(values: list[float]) -> str:
     return f"{np.mean(values):.1f} ± {np.std(values, ddof=1) if len(values) > 1 else 0:.1f} (n={len(values)})"
 
 
+def same_sampler(record: dict, task: dict) -> bool:
+    """Whether a base run sampled as ``task`` (a fine-tuned row's task config) does."""
+    return all(record["config"]["task"][k] == task[k] for k in SAMPLER_KEYS)
+
+
+def fig3_base_lines(base_runs: list[dict], task: dict) -> tuple[list[str], str]:
+    """The base's scores per sampler (validation, then test: a markdown table), and the sentence that names the
+    sampler validation picks (the highest validation content score; the first in the table on a tie) and says
+    whether the fine-tuned rows sampled with it. Records made before the base was scored on validation show —."""
+    lines = ["| guidance | eta | validation content score (%) | validation style score (%) | test content score (%) "
+             "| test style score (%) | test denoising loss |", "|---|---|---|---|---|---|---|"]
+    for r in base_runs:
+        scores = {"test": r["final"]["unmerged"]["test"], **({"validation": r["eval"][0]["validation"]} if r["eval"]
+                                                              else {})}
+        cells = [f"{100 * scores[split][part]:.1f}" if split in scores else "—"
+                 for split in ("validation", "test") for part in ("content_score", "style_score")]
+        lines.append(f"| {r['config']['task']['guidance_scale']} | {r['config']['task']['sample_eta']} | "
+                     + " | ".join(cells) + f" | {scores['test']['denoise_loss']:.4f} |")
+    scored = [r for r in base_runs if r["eval"]]
+    if not scored:
+        return lines, "These base runs predate the validation score: no sampler is picked from them."
+    best = max(scored, key=lambda r: r["eval"][0]["validation"]["content_score"])
+    pick = ", ".join(f"{k} {best['config']['task'][k]}" for k in SAMPLER_KEYS)
+    agrees = same_sampler(best, task)
+    return lines, (f"Validation picks {pick} (the highest validation content score); the fine-tuned rows sample "
+                   + ("with it." if agrees else "otherwise ("
+                      + ", ".join(f"{k} {task[k]}" for k in SAMPLER_KEYS)
+                      + "): set the task's config to the pick and rerun them."))
+
+
 def fig3(results: Path, scale: str, threshold: float) -> Path:
     records = records_of(results, scale, "fig3", variants=True)  # the base at each guidance scale is a variant cell
     ok = [r for r in records if r.get("status") == "ok" and r["method"] != "zero_shot"]
     base_runs = sorted((r for r in records if r.get("status") == "ok" and r["method"] == "zero_shot"),
-                       key=lambda r: r["config"]["task"]["guidance_scale"])
+                       key=lambda r: tuple(r["config"]["task"][k] for k in SAMPLER_KEYS))
     if not ok:
         raise SystemExit(f"no fine-tuned Fig. 3 records under {results}/records/{scale}/fig3")
     methods = [m for m in FIG3_ROWS if any(r["method"] == m for r in ok)]
@@ -497,10 +529,7 @@ def fig3(results: Path, scale: str, threshold: float) -> Path:
     final = ["| method | mode | " + " | ".join(f"{p.replace('_', ' ')} (%)" for p in parts)
              + " | test denoising loss |"]
     final.append("|---" * (final[0].count("|") - 1) + "|")
-    for r in base_runs:
-        final.append(f"| base, before fine-tuning | guidance {r['config']['task']['guidance_scale']} | "
-                     + " | ".join(f"{100 * r['final']['unmerged']['test'][p]:.1f}" for p in parts)
-                     + f" | {r['final']['unmerged']['test']['denoise_loss']:.4f} |")
+    base_lines, sampler = fig3_base_lines(base_runs, c["task"]) if scored else ([], "")
     by_method = {m: [r for r in ok if r["method"] == m] for m in methods}
     for method, runs in by_method.items():
         cells = [f"{np.mean([score(r['eval'][i]['validation']) for r in runs]):.{1 if scored else 4}f}"
@@ -515,6 +544,7 @@ def fig3(results: Path, scale: str, threshold: float) -> Path:
             loss = np.mean([r["final"][mode]["test"]["denoise_loss"] for r in runs])
             name = "before merge" if mode == "unmerged" else f"merged ({mode})"
             final.append(f"| {record_label(runs[0])} | {name} | " + " | ".join(values) + f" | {loss:.4f} |")
+    matched = [(m, control) for m, control in FIG3_MATCHED if m in by_method and control in by_method]
     compared = []
     if scored and "lora" in by_method:
         lora = by_method["lora"]
@@ -524,11 +554,30 @@ def fig3(results: Path, scale: str, threshold: float) -> Path:
         merged = [Comparison(f"{record_label(runs[0])} ({runs[0]['headline_mode']})", "style score",
                              *record_difference(runs, runs, (runs[0]["headline_mode"], "unmerged"), metric="accuracy"))
                   for runs in by_method.values()]
+        against_control = [Comparison(f"{record_label(by_method[m][0])} − {record_label(by_method[control][0])}",
+                                      part.replace("_", " "),
+                                      *record_difference(by_method[m], by_method[control], flag=flag, metric="accuracy"))
+                           for m, control in matched for part, flag in parts.items()]
         compared = ["Each row against LoRA, test, merged:", "", *comparison_table(against_lora, "row − LoRA", "score"),
+                    *(["", "ResLoRA against the LoRA control of its deployed update size, test, merged:", "",
+                       *comparison_table(against_control, "row − control", "score")] if against_control else []),
                     "", "Merged against before merge (the same models), test:", "",
                     *comparison_table(merged, "merged − before merge", "score")]
+    sizes = update_size_frame(ok).groupby("method")["value"]
+    size_line = ("Deployed update (the mean over target layers of ‖ΔW*‖_F, merged, over LoRA's with the same seed; "
+                 "mean (min–max) over seeds): " + "; ".join(
+                     f"{record_label(by_method[m][0])} {v.mean():.3f} ({v.min():.3f}–{v.max():.3f})"
+                     for m, v in sizes if m != "lora") + "." if "lora" in by_method else "")
     base = assets["base"]
-    if "steps" in base.get("args", {}):
+    if "selected_step" in base:  # a base whose length validation chose (experiments/t2i_base.py)
+        base_line = (f"Base: {c['model']['name']} ({base['parameters']:,} parameters), pretrained by `make t2i-base` "
+                     f"with batch {base['args']['batch_size']} on {base['train_images']:,} images ({base['data']}; "
+                     f"Fig. 3's {base['held_out']['validation']} validation and {base['held_out']['test']} test digits "
+                     f"held out) captioned \"{base['captions'][7]}\" etc.: the weights of step {base['selected_step']} "
+                     f"of {base['args']['steps']}, where its validation denoising loss was lowest "
+                     f"({base['validation_loss']:.4f}; {base['seconds'] / 60:.0f} min); text encoder "
+                     f"{c['model']['text_encoder']['path']}, frozen.")
+    elif "steps" in base.get("args", {}):
         base_line = (f"Base: {c['model']['name']} ({base['parameters']:,} parameters), pretrained by `make t2i-base` "
                      f"for {base['args']['steps']} steps of batch {base['args']['batch_size']} on "
                      f"{base['train_images']:,} images ({base['data']}) captioned "
@@ -573,10 +622,12 @@ def fig3(results: Path, scale: str, threshold: float) -> Path:
         "",
         *curve,
         "",
-        "Test, the model selected on validation, scored once (mean ± sd over seeds); the base before fine-tuning at "
-        f"{len(base_runs)} guidance scales (`fig3_base`: the rows below sample at {c['task']['guidance_scale']}):",
+        *(["The base before fine-tuning (`fig3_base`, one run per sampler), validation and test:", "", *base_lines,
+           "", sampler, ""] if base_lines else []),
+        "Test, the model selected on validation, scored once (mean ± sd over seeds):",
         "",
         *final,
+        *(["", size_line] if size_line else []),
         *(["", "Paired differences on the test samples (the same prompts and noise for every row), in points: "
            + interval_note("test samples"), "", *compared] if compared else []),
         "",
@@ -591,10 +642,9 @@ def fig3(results: Path, scale: str, threshold: float) -> Path:
     figures = results / "figures"
     plot_fig3_curves(ok, figures / output_name("fig3_curves", scale, ".png"), methods,
                      f"Text-to-image fine-tuning ({scale})")
-    guidance = c["task"]["guidance_scale"]  # the base's samples at the fine-tuned rows' guidance
     plot_sample_grid(ok, figures / output_name("fig3_samples", scale, ".png"), methods, 0,
                      f"Samples, same prompts and noise everywhere ({scale}, seed 0)",
-                     base=next((r for r in base_runs if r["config"]["task"]["guidance_scale"] == guidance), None))
+                     base=next((r for r in base_runs if same_sampler(r, c["task"])), None))
     return out
 
 

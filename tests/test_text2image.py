@@ -49,7 +49,7 @@ def test_fig3_pipeline_at_smoke_scale(tmp_path, monkeypatch):
     train(tmp_path, "-m", "experiment=fig3_base", "scale=smoke_t2i", "hydra/launcher=joblib_cpu", cache=cache)
     train(tmp_path, "-m", "experiment=fig3", "scale=smoke_t2i", "seed=0", "hydra/launcher=joblib_cpu", cache=cache)
     results = tmp_path / "results"
-    for method in ("lora", "reslora_is", "reslora_bs_pre5"):
+    for method in ("lora", "reslora_is", "reslora_bs_pre5", "lora_alpha73"):
         record = json.loads((results / f"records/smoke/fig3/text2image/{method}/seed0.json").read_text())
         assert record["status"] == "ok", record.get("error")
         assert record["headline_mode"] == "merge_bi" and set(record["final"]) == {"merge_bi", "unmerged", "merge_ls"}
@@ -60,18 +60,21 @@ def test_fig3_pipeline_at_smoke_scale(tmp_path, monkeypatch):
         assert items["id"] == list(range(20)) and np.mean(items["correct"]) == record["headline"]
         assert record["final"]["merge_bi"]["test"]["style_score"] <= record["final"]["merge_bi"]["test"]["content_score"]
     bases = [json.loads(f.read_text()) for f in (results / "records/smoke/fig3/text2image").glob("zero_shot*/seed0.json")]
-    assert sorted(b["config"]["task"]["guidance_scale"] for b in bases) == [1.0, 2.0, 3.0]  # fig3_base's sweep
+    assert sorted((b["config"]["task"]["guidance_scale"], b["config"]["task"]["sample_eta"]) for b in bases) == [
+        (g, eta) for g in (1.0, 2.0, 3.0) for eta in (0.0, 1.0)]  # fig3_base's sweep: guidance x sampler
     assert all(b["status"] == "ok" and b["total_steps"] == 0 for b in bases)
+    assert all(set(b["final"]["unmerged"]) == {"test"} and "content_score" in b["eval"][0]["validation"]
+               for b in bases)  # the sampler is picked on validation
     subprocess.run([sys.executable, str(ROOT / "experiments" / "tables.py"), "fig3", "--scale", "smoke",
                     "--results", str(results)], check=True, cwd=ROOT)
     text = (results / "fig3_smoke.md").read_text()
     for row in ("LoRA (r=4) | merged", "ResLoRA_is | merged (merge_bi)", "ResLoRA_bs pre_num=5 |",
-                "base, before fine-tuning | guidance 2.0 |", "ResLoRA_is |"):
+                "LoRA (alpha=73), control | merged", "ResLoRA_is |"):
         assert f"| {row}" in text, row
-    assert "row − LoRA" in text
+    assert "row − LoRA" in text and "row − control" in text and "Validation picks guidance_scale" in text
     for name in ("fig3_curves_smoke.png", "fig3_samples_smoke.png"):
         assert (results / "figures" / name).stat().st_size > 5_000
-    assert "3 records; methods" in execute_notebook("fig3.ipynb", results, monkeypatch)  # and the base
+    assert "4 records; methods" in execute_notebook("fig3.ipynb", results, monkeypatch)  # and the base
 
 
 @pytest.mark.slow  # the paper-scale path (make test-slow)

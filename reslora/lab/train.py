@@ -424,19 +424,23 @@ def split_predictions(final: dict) -> tuple[dict, dict]:
 
 
 def evaluate_base(cfg, task, model, splits, accelerator, logger: RunLogger, times: dict) -> RunRecord:
-    """The reference row (method kind ``none``, e.g. zero-shot): the base model as it is, on the test
-    split(s), without training (its time goes to 'test/unmerged')."""
+    """The reference row (method kind ``none``, e.g. zero-shot): the base model as it is, without training, on
+    the validation split (its evaluation at step 0: what a choice made from this row, such as Fig. 3's sampler,
+    reads), then on the test split(s) (the time of both goes to 'test/unmerged')."""
     model.requires_grad_(False)
     loaders = {name: DataLoader(ds, batch_size=cfg.train.eval_batch_size, collate_fn=task.collate())
-               for name, ds in splits.items() if name.startswith("test")}
+               for name, ds in splits.items() if name == "validation" or name.startswith("test")}
     model, *prepared = accelerator.prepare(model, *loaders.values())
+    prepared = dict(zip(loaders, prepared))
     with timed(times, "test/unmerged"):
+        validation = task.evaluate(model, prepared.pop("validation"), accelerator) if "validation" in prepared else {}
         final, predictions = split_predictions(
-            {"unmerged": {name: task.evaluate(model, loader, accelerator) for name, loader in zip(loaders, prepared)}})
+            {"unmerged": {name: task.evaluate(model, loader, accelerator) for name, loader in prepared.items()}})
     headline = final["unmerged"]["test"][task.headline]
     logger.summary({"headline": headline})
+    evaluation = [{"step": 0, "validation": {k: v for k, v in validation.items() if k != "items"}}] if validation else []
     return {"trainable_params": 0, "total_params": sum(p.numel() for p in model.parameters()), "total_steps": 0,
-            "headline_mode": "unmerged", "headline_metric": task.headline, "train_loss": [], "eval": [],
+            "headline_mode": "unmerged", "headline_metric": task.headline, "train_loss": [], "eval": evaluation,
             "grad_norms": [], "train_loop_s": 0.0, "final": final, "predictions": predictions, "headline": headline}
 
 

@@ -43,9 +43,8 @@ DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "e
 RESOLUTION = 32          # 28x28 images padded to a size the UNet halves twice
 EVAL_NOISE_SEED = 1234   # fixed noise and timesteps of the validation denoising loss
 SAMPLE_NOISE_SEED = 4321  # fixed initial noise of the samples: identical in every cell of Fig. 3
-# The test split draws its own noise (denoising loss and samples), disjoint from validation's: a model selected
-# on the validation samples is scored on other samples.
-TEST_SEED_OFFSET = 1000
+# The test split draws its own noise (denoising loss and samples) at these seeds + task.test_noise_offset, disjoint
+# from validation's: a model selected on the validation samples is scored on other samples.
 PER_PROMPT = {"validation": "samples_per_prompt", "test": "test_samples_per_prompt"}  # task keys: samples per prompt
 
 
@@ -454,7 +453,7 @@ class Text2ImageTask:
         (validation and test never share noise: the test score is not the validation score again)."""
         model.eval()
         split = "test" if getattr(loader.dataset, "split", "validation").startswith("test") else "validation"
-        offset = TEST_SEED_OFFSET if split == "test" else 0
+        offset = self.cfg.test_noise_offset if split == "test" else 0
         prompts = self.prompts[split]
         generator = torch.Generator().manual_seed(EVAL_NOISE_SEED + offset)
         losses = []
