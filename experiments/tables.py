@@ -479,8 +479,9 @@ def fig3_base_lines(base_runs: list[dict], task: dict) -> tuple[list[str], str]:
     lines = ["| guidance | eta | validation content score (%) | validation style score (%) | test content score (%) "
              "| test style score (%) | test denoising loss |", "|---|---|---|---|---|---|---|"]
     for r in base_runs:
-        scores = {"test": r["final"]["unmerged"]["test"], **({"validation": r["eval"][0]["validation"]} if r["eval"]
-                                                              else {})}
+        scores = {"test": r["final"]["unmerged"]["test"]}
+        if r["eval"]:  # its validation score (records made before it was scored there have none)
+            scores["validation"] = r["eval"][0]["validation"]
         cells = [f"{100 * scores[split][part]:.1f}" if split in scores else "—"
                  for split in ("validation", "test") for part in ("content_score", "style_score")]
         lines.append(f"| {r['config']['task']['guidance_scale']} | {r['config']['task']['sample_eta']} | "

@@ -426,14 +426,15 @@ def split_predictions(final: dict) -> tuple[dict, dict]:
 def evaluate_base(cfg, task, model, splits, accelerator, logger: RunLogger, times: dict) -> RunRecord:
     """The reference row (method kind ``none``, e.g. zero-shot): the base model as it is, without training, on
     the validation split (its evaluation at step 0: what a choice made from this row, such as Fig. 3's sampler,
-    reads), then on the test split(s) (the time of both goes to 'test/unmerged')."""
+    reads), then on the test split(s) (timed as 'validation' and 'test/unmerged')."""
     model.requires_grad_(False)
     loaders = {name: DataLoader(ds, batch_size=cfg.train.eval_batch_size, collate_fn=task.collate())
                for name, ds in splits.items() if name == "validation" or name.startswith("test")}
     model, *prepared = accelerator.prepare(model, *loaders.values())
     prepared = dict(zip(loaders, prepared))
-    with timed(times, "test/unmerged"):
+    with timed(times, "validation"):
         validation = task.evaluate(model, prepared.pop("validation"), accelerator) if "validation" in prepared else {}
+    with timed(times, "test/unmerged"):
         final, predictions = split_predictions(
             {"unmerged": {name: task.evaluate(model, loader, accelerator) for name, loader in prepared.items()}})
     headline = final["unmerged"]["test"][task.headline]
