@@ -4,6 +4,9 @@
     python experiments/bench.py --quick --out /tmp/b   # a smoke run (under a minute): does it work?
     python experiments/bench.py --quick --only smollm2_bf16 --out /tmp/b   # the bf16 workload's smoke run
 
+The full bench leaves the bf16 workload out on CPUs without bf16 instructions (it would time one slow kernel;
+bench.md says so); `--only smollm2_bf16` runs it anyway.
+
 Everything runs in one process on three workloads: MiniLM-L6 sequence classification at the cpu-scale
 batch shape (16 x 64), SmolLM2-135M (LLaMA architecture, all 30 layers) causal LM, and the same SmolLM2 in
 bfloat16, the paper-scale setting (float32 adapters on a bf16 base: the default of both libraries). The contestants share
@@ -68,6 +71,7 @@ class Workload:
     modules_to_save: list[str]
     dtype: torch.dtype = torch.float32  # of the base model; the adapters are float32 in every workload
     in_quick: bool = True  # part of --quick runs unless named with --only
+    skip_why: str | None = None  # why the full bench leaves it out unless named with --only
     base: torch.nn.Module = None
 
     def train_batch(self) -> dict:
@@ -124,8 +128,26 @@ def workloads(quick: bool, smollm2_layers: int | None) -> list[Workload]:
                    r=4, lora_alpha=8, lora_dropout=0.1, modules_to_save=[], layers=2 if quick else smollm2_layers)
     smol_bf16 = replace(smol, key="smollm2_bf16",
                         title="SmolLM2-135M-Instruct in bfloat16, float32 adapters, causal LM",
-                        dtype=torch.bfloat16, in_quick=False)  # CPUs without bf16 instructions: 9 s a quick step
+                        dtype=torch.bfloat16, in_quick=False, skip_why=no_bf16_instructions())
     return [minilm, smol, smol_bf16]
+
+
+def no_bf16_instructions() -> str | None:
+    """Why a bf16 timing would measure nothing here, or None where the CPU has bf16 instructions.
+
+    Without them (avx512_bf16, amx_bf16) torch's CPU matmuls in bf16 take a slow path: on an AMD EPYC without
+    them, a training step of the 2-layer 1 x 32 quick workload took 11 s, 99.7% of it in aten::mm (a float32
+    step of the 30-layer 1 x 128 workload: 1.34 s), so every contestant's ratio would be that of one slow kernel."""
+    try:
+        flags = set(" ".join(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                             if line.startswith("flags")).split())
+    except OSError:
+        return None  # not Linux: run it and let the ratios speak
+    if flags & {"avx512_bf16", "amx_bf16"}:
+        return None
+    return ("this CPU has no bf16 instructions (avx512_bf16, amx_bf16), so torch's bf16 matmuls take a slow path "
+            "that would dominate every contestant's time; run it with --only smollm2_bf16 on a CPU that has them "
+            "(`make gpu-check` times the bf16 setting on a GPU)")
 
 
 # ---- contestants -------------------------------------------------------------------------------------------
@@ -415,14 +437,18 @@ def main(argv=None) -> int:
                          else (time.perf_counter, "wall time"))
 
     start, load_start = time.perf_counter(), os.getloadavg()
-    results = {}
+    results, skipped = {}, {}
     for work in workloads(args.quick, args.smollm2_layers):
-        wanted = work.key in args.only if args.only else work.in_quick or not args.quick
+        wanted = work.key in args.only if args.only else work.in_quick if args.quick else not work.skip_why
         if not wanted:
+            if not args.only and not args.quick:
+                skipped[work.key] = work.skip_why
+                print(f"[{work.key}] left out: {work.skip_why}", flush=True)
             continue
         results[work.key] = bench_workload(work, args, clock)
     meta = machine() | {"threads": args.threads, "clock": clock_name, "quick": args.quick, "loadavg_start": list(load_start),
-                        "loadavg_end": list(os.getloadavg()), "wall_s": time.perf_counter() - start}
+                        "loadavg_end": list(os.getloadavg()), "wall_s": time.perf_counter() - start,
+                        "left_out": skipped}
     if max(load_start[0], meta["loadavg_end"][0]) > 0.5 * (os.cpu_count() or 1):
         meta["note"] = ("the machine was busy with other work during this run (see the load average). The ratios, "
                         "paired in time and taken on CPU time, still compare like with like, but they are noisier "

@@ -173,6 +173,8 @@ def markdown(report: dict, merge_memory: dict | None = None) -> str:
     ]
     if meta.get("note"):
         lines += ["", f"**Note.** {meta['note']}"]
+    for key, why in meta.get("left_out", {}).items():
+        lines += ["", f"**Left out: `{key}`.** {why[0].upper() + why[1:]}."]
     lines += [
         "",
         "Method. All contestants live in one process and share the frozen base weights. Timing is paired: a "

@@ -64,6 +64,21 @@ def test_quick_bench_reports_every_contestant(tmp_path):
     assert "## Peak memory of a merged evaluation" in text and "| random LLaMA (954M) | is |" in text
 
 
+def test_the_full_bench_leaves_the_bf16_workload_out_only_without_bf16_instructions_and_says_why(monkeypatch):
+    import bench
+    from bench_report import markdown
+
+    report = json.loads((ROOT / "results" / "bench.json").read_text())
+    for flags, left_out in (("fpu sse avx2 fma", True), ("fpu avx2 avx512f avx512_bf16", False), ("amx_bf16", False)):
+        monkeypatch.setattr(bench.Path, "read_text", lambda self, flags=flags: f"processor : 0\nflags : {flags}\n")
+        why = bench.no_bf16_instructions()
+        assert (why is not None) is left_out, flags
+        work = {w.key: w for w in bench.workloads(quick=False, smollm2_layers=None)}
+        assert work["smollm2_bf16"].skip_why == why and work["smollm2"].skip_why is None
+    report["meta"]["left_out"] = {"smollm2_bf16": "this CPU has no bf16 instructions"}
+    assert "**Left out: `smollm2_bf16`.** This CPU has no bf16 instructions." in markdown(report)
+
+
 @pytest.mark.slow
 def test_quick_bf16_bench_trains_float32_adapters_on_a_bf16_base_beside_peft(tmp_path):
     """Minutes: bf16 matmuls are emulated on CPUs without bf16 instructions."""
