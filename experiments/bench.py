@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 from reslora import ResLoraConfig, ResLoraLinear, get_reslora_model  # noqa: E402
 from reslora.io import atomic_path  # noqa: E402
-from reslora.lab.records import environment  # noqa: E402
+from reslora.lab.records import cpu_flags, environment  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_report import (BASE, BASE_CONTROL, CONTESTANTS, MIN_ROUNDS_FOR_INTERVAL, REFERENCE_OURS,  # noqa: E402
@@ -138,13 +138,9 @@ def no_bf16_instructions() -> str | None:
     Without them (avx512_bf16, amx_bf16) torch's CPU matmuls in bf16 take a slow path: on an AMD EPYC without
     them, a training step of the 2-layer 1 x 32 quick workload took 11 s, 99.7% of it in aten::mm (a float32
     step of the 30-layer 1 x 128 workload: 1.34 s), so every contestant's ratio would be that of one slow kernel."""
-    try:
-        flags = set(" ".join(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                             if line.startswith("flags")).split())
-    except OSError:
-        return None  # not Linux: run it and let the ratios speak
-    if flags & {"avx512_bf16", "amx_bf16"}:
-        return None
+    flags = cpu_flags()
+    if flags is None or flags & {"avx512_bf16", "amx_bf16"}:
+        return None  # bf16 instructions, or flags unknown (not Linux): run it and let the ratios speak
     return ("this CPU has no bf16 instructions (avx512_bf16, amx_bf16), so torch's bf16 matmuls take a slow path "
             "that would dominate every contestant's time; run it with --only smollm2_bf16 on a CPU that has them "
             "(`make gpu-check` times the bf16 setting on a GPU)")

@@ -500,15 +500,26 @@ def environment() -> dict:
             "machine": platform.machine(), "cpu": cpu_model(), "cpus": os.cpu_count()}
 
 
-def cpu_model() -> str:
-    """The processor's model name (Linux: /proc/cpuinfo), else what platform reports."""
+def cpuinfo(field: str) -> str | None:
+    """The first processor's ``field`` in /proc/cpuinfo (Linux), or None where there is none."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.split(":", 1)[0].strip() == field:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model() -> str:
+    """The processor's model name (Linux: /proc/cpuinfo), else what platform reports."""
+    return cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def cpu_flags() -> set[str] | None:
+    """The processor's instruction-set flags (Linux: /proc/cpuinfo), or None where they cannot be read."""
+    flags = cpuinfo("flags")
+    return None if flags is None else set(flags.split())
 
 
 def require_provenance(git: dict, allowed: bool) -> None:
