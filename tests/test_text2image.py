@@ -49,7 +49,7 @@ def test_fig3_pipeline_at_smoke_scale(tmp_path, monkeypatch):
     train(tmp_path, "-m", "experiment=fig3_base", "scale=smoke_t2i", "hydra/launcher=joblib_cpu", cache=cache)
     train(tmp_path, "-m", "experiment=fig3", "scale=smoke_t2i", "seed=0", "hydra/launcher=joblib_cpu", cache=cache)
     results = tmp_path / "results"
-    for method in ("lora", "reslora_is", "reslora_bs_pre5", "lora_alpha73"):
+    for method in ("lora", "reslora_is", "reslora_bs_pre5", "lora_alpha113", "lora_alpha73"):
         record = json.loads((results / f"records/smoke/fig3/text2image/{method}/seed0.json").read_text())
         assert record["status"] == "ok", record.get("error")
         assert record["headline_mode"] == "merge_bi" and set(record["final"]) == {"merge_bi", "unmerged", "merge_ls"}
@@ -69,12 +69,12 @@ def test_fig3_pipeline_at_smoke_scale(tmp_path, monkeypatch):
                     "--results", str(results)], check=True, cwd=ROOT)
     text = (results / "fig3_smoke.md").read_text()
     for row in ("LoRA (r=4) | merged", "ResLoRA_is | merged (merge_bi)", "ResLoRA_bs pre_num=5 |",
-                "LoRA (alpha=73), control | merged", "ResLoRA_is |"):
+                "LoRA (alpha=113), control | merged", "LoRA (alpha=73), first control pick | merged", "ResLoRA_is |"):
         assert f"| {row}" in text, row
     assert "row − LoRA" in text and "row − control" in text and "Validation picks guidance_scale" in text
     for name in ("fig3_curves_smoke.png", "fig3_samples_smoke.png"):
         assert (results / "figures" / name).stat().st_size > 5_000
-    assert "4 records; methods" in execute_notebook("fig3.ipynb", results, monkeypatch)  # and the base
+    assert "5 records; methods" in execute_notebook("fig3.ipynb", results, monkeypatch)  # and the base
 
 
 @pytest.mark.slow  # the paper-scale path (make test-slow)

@@ -19,7 +19,8 @@ ROW_LABELS = {"lora": "LoRA (r=4)", "lora_r16": "LoRA (r=16)", "peft_lora": "PEF
               "loha": "LoHa", "lokr": "LoKr", "reslora_is": "ResLoRA_is", "reslora_bs": "ResLoRA_bs",
               "reslora_ms": "ResLoRA_ms", "zero_shot": "Zero-shot (base model)",
               "lora_alpha16": "LoRA (r=4, alpha=16), control", "lora_alpha32": "LoRA (r=4, alpha=32), control",
-              "lora_alpha64": "LoRA (r=4, alpha=64), control", "lora_alpha73": "LoRA (alpha=73), control",
+              "lora_alpha64": "LoRA (r=4, alpha=64), control", "lora_alpha73": "LoRA (alpha=73), first control pick",
+              "lora_alpha113": "LoRA (alpha=113), control",
               "reslora_is_detached": "ResLoRA_is, shortcut detached",
               "reslora_bs_detached": "ResLoRA_bs, shortcut detached", "reslora_ms_detached": "ResLoRA_ms, shortcut detached"}
 TASK_LABELS = {"cola": "CoLA (Mcc)", "sst2": "SST-2 (Acc)", "mrpc": "MRPC (Acc)", "qqp": "QQP (Acc)",
@@ -27,7 +28,7 @@ TASK_LABELS = {"cola": "CoLA (Mcc)", "sst2": "SST-2 (Acc)", "mrpc": "MRPC (Acc)"
                "wnli": "WNLI (Acc)", "gsm8k": "GSM8K (Acc)", "svamp": "SVAMP (Acc)", "mathqa": "MathQA (Acc)",
                "metamathqa": "MetaMathQA (Acc on GSM8K)", "hellaswag": "HellaSwag (Acc)"}
 RESLORA_ROWS = ("reslora_is", "reslora_bs", "reslora_ms")
-CONTROL_ROWS = ("lora_alpha16", "lora_alpha32", "lora_alpha64", "lora_alpha73")  # not in the paper: LoRA at the scale ResLoRA rows merge with
+CONTROL_ROWS = ("lora_alpha16", "lora_alpha32", "lora_alpha64", "lora_alpha113", "lora_alpha73")  # not in the paper: LoRA at the scale ResLoRA rows merge with
 
 
 def task_name(task: str) -> str:
