@@ -2,7 +2,7 @@
 # Offline machines read data from a local mirror: DATA_MIRROR=/path/to/mirror make <target>.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-NOTEBOOKS ?= table1 table2 ablations lr_sweep fig3
+NOTEBOOKS ?= table1 table2 ablations lr_sweep fig3 mechanism
 SCALE ?= cpu
 export DATA_MIRROR
 
@@ -65,7 +65,7 @@ reproduce-mechanism: setup ## ResLoRA with its shortcut's gradient detached (SST
 	$(PY) experiments/train.py -m experiment=mechanism scale=$(SCALE)_nlg task=svamp seed=0,1,2 hydra/launcher=joblib_cpu
 	$(MAKE) mechanism SCALE=$(SCALE)
 
-mechanism: setup ## the effective-scale prediction (base models' inputs vs the records' deployed update sizes) -> results/mechanism.md, mechanism_scale.json (30 min on the shared 2-core machine, most of it SmolLM2: first load dequantises it); REBUILD=1: from the JSON only
+mechanism: setup ## the effective-scale prediction (base models' inputs vs the records' deployed update sizes) and the gradient-path ablation's comparisons -> results/mechanism.md, mechanism_scale.json (30 min on the shared 2-core machine, most of it SmolLM2: first load dequantises it); REBUILD=1: from the JSON only
 	$(PY) experiments/mechanism.py --scale $(SCALE) $(if $(REBUILD),--rebuild)
 
 reproduce-lr-sweep: setup ## LoRA and ResLoRA at 5 learning rates on SST-2 and STS-B (the centre rate from Table 2: run reproduce-table2 first); reruns only missing cells

@@ -22,8 +22,8 @@ ratio (mean own norm / LoRA's, same seed): the prediction assumes the second is 
 
     DATA_MIRROR=../shared/data python experiments/mechanism.py      # make mechanism (about 5 min on 2 cores)
 
-Writes results/mechanism_scale.json, results/mechanism.md (the effective-scale section) and
-results/figures/mechanism_cos_by_layer.png.
+Writes results/mechanism_scale.json, results/mechanism.md (the effective-scale section, then the gradient-path
+ablation's comparisons from the records: reslora/lab/ablation.py) and results/figures/mechanism_*.png.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from torch import nn  # noqa: E402
 
 from reslora import ResLoraConfig, get_reslora_model  # noqa: E402
 from reslora.io import atomic_path, write_json  # noqa: E402
+from reslora.lab.ablation import ablation_markdown, ablation_records  # noqa: E402
 from reslora.lab.records import load_records  # noqa: E402
 from reslora.lab.report import label, task_name, update_size_frame  # noqa: E402
 from reslora.merge import _alpha as merge_alpha  # noqa: E402
@@ -372,7 +373,8 @@ def markdown(results: list[dict]) -> str:
         lines += ["", "ResLoRA_bs (pre_num 1): mean cosine between consecutive blocks' own updates in the trained runs "
                   "(from ‖ΔW_n + ΔW_{n-1}‖, ‖ΔW_n‖, ‖ΔW_{n-1}‖; 0 = uncorrelated, the √2 prediction; 1 = aligned): "
                   + ", ".join(f"{t} {c:+.3f}" for t, c in cosines) + "."]
-    lines += ["", "![cos(x_n, x_{n-1}) by layer](figures/mechanism_cos_by_layer.png)", ""]
+    lines += ["", "![cos(x_n, x_{n-1}) by layer](figures/mechanism_cos_by_layer.png)", "",
+              "![predicted against measured update ratio](figures/mechanism_update_ratio.png)", ""]
     return "\n".join(lines)
 
 
@@ -418,11 +420,44 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(results: list[dict], out_dir: Path) -> None:
+def plot_ratios(results: list[dict], path: Path) -> None:
+    """Predicted (A: base model only; B: with the controls' own-norm ratio) against measured deployed ratio, one
+    point per task and ResLoRA row that has records; the band is where a prediction 'holds'."""
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    top = 1.0
+    for marker, key, name in (("o", "deployed", "A (base model)"), ("x", "deployed_with_controls", "B (+ controls)")):
+        points = [(r["measured"][v]["deployed"], r["predicted"][v][key], v) for r in results for v in ROWS
+                  if v in r["measured"] and key in r["predicted"][v]]
+        for variant, color in zip(ROWS, ("C0", "C1", "C2")):
+            xy = [(x, y) for x, y, v in points if v == variant]
+            if xy:
+                ax.scatter(*zip(*xy), marker=marker, color=color, zorder=3, label=f"{label(ROWS[variant])}, {name}")
+        top = max([top, *(max(x, y) for x, y, _ in points)])
+    line = np.array([1.0, top * 1.05])
+    ax.plot(line, line, "k-", lw=0.8)
+    ax.fill_between(line, line * (1 - HOLDS), line * (1 + HOLDS), color="0.85", zorder=0, label=f"within {HOLDS:.0%}")
+    ax.set_xlabel("deployed update / LoRA's: records (mean over seeds)")
+    ax.set_ylabel("predicted")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    ax.set_title("Deployed update ratio: predicted against measured", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+
+
+def write_outputs(results: list[dict], out_dir: Path, records_dir: Path | None = None, scale: str = "cpu") -> None:
+    """mechanism_scale.json, mechanism.md and its figures; with ``records_dir``, also the gradient-path ablation
+    from the records of ``scale`` there."""
     write_json(out_dir / "mechanism_scale.json", {"holds_within": HOLDS, "sources": results})
+    text = markdown(results)
+    if records_dir is not None:
+        text += "\n".join(["", *ablation_markdown(ablation_records(records_dir, scale), out_dir / "figures")])
     with atomic_path(out_dir / "mechanism.md") as tmp:
-        tmp.write_text(markdown(results))
+        tmp.write_text(text)
     plot(results, out_dir / "figures" / "mechanism_cos_by_layer.png")
+    plot_ratios(results, out_dir / "figures" / "mechanism_update_ratio.png")
 
 
 def main() -> None:
@@ -439,7 +474,7 @@ def main() -> None:
     args = parser.parse_args()
     out = args.out or (args.results if args.scale == "cpu" else ROOT / "runs" / f"mechanism-{args.scale}")
     if args.rebuild:
-        write_outputs(json.loads((out / "mechanism_scale.json").read_text())["sources"], out)
+        write_outputs(json.loads((out / "mechanism_scale.json").read_text())["sources"], out, args.results, args.scale)
         return
     torch.set_num_threads(args.threads)
     datasets.disable_progress_bars()
@@ -453,7 +488,7 @@ def main() -> None:
         results.append(analyse(source, records[where]))
         print(f"{task}: predicted " + ", ".join(f"{v} {p['deployed']:.2f}" for v, p in results[-1]["predicted"].items())
               + "; measured " + ", ".join(f"{v} {m['deployed']:.2f}" for v, m in results[-1]["measured"].items()))
-    write_outputs(results, out)
+    write_outputs(results, out, args.results, args.scale)
 
 
 if __name__ == "__main__":

@@ -18,12 +18,13 @@ from reslora.io import atomic_path
 from reslora.lab.records import load_failures, load_records
 from reslora.lab.figures import (plot_block_norm_heatmaps, plot_curves, plot_fig3_curves, plot_grad_flow,
                                  plot_lr_sweep, plot_sample_grid, record_label)
-from reslora.lab.report import (CONTROL_ROWS, INTERVAL_NOTE, LR_SWEEP_ROWS, LR_SWEEP_TASKS, MODE_LABELS,
-                                RESLORA_ROWS, Comparison, comparison_table, complete_tasks, experiment_design,
+from reslora.lab.report import (CONTROL_ROWS, INTERVAL_NOTE, LAST_STEPS, LR_SWEEP_ROWS, LR_SWEEP_TASKS,
+                                MODE_LABELS, RESLORA_ROWS, Comparison, comparison_table, complete_tasks, experiment_design,
                                 final_loss_frame, grid_cells, headline_frame, interval_comparison, interval_note, label,
                                 learning_check, lr_frame, record_difference, lr_sweep_records, mode_frame, mode_gaps,
-                                mode_interval_table, mode_table, ordered, paired_comparison, selected_rates,
-                                summary_table, table4_records, task_column, task_name, update_size_frame)
+                                mode_interval_table, mode_table, ordered, paired_comparison, run_seconds, runs_took,
+                                selected_rates, summary_table, table4_records, task_column, task_name,
+                                update_size_frame)
 
 TABLE2 = experiment_design("table2")
 TABLE2_TASKS = {"paper": TABLE2["paper_tasks"], "default": TABLE2["tasks"]}
@@ -133,28 +134,6 @@ def failed_lines(records: list[dict], results: Path) -> list[str]:
                 "", *dirty] if dirty else []))
 
 
-def run_seconds(record: dict) -> float:
-    """A run's wall time; a resumed run's includes what its killed processes spent up to their last checkpoint."""
-    return record.get("wall_time_s", 0) + sum(record.get("time_before_resume_s", {}).values())
-
-
-def runs_took(records: list[dict]) -> str:
-    """Summed run time, and where it went (records that have the breakdown). A resumed run counts the time its
-    killed processes spent up to their last checkpoint too (what they did after it was redone)."""
-    parts: dict[str, float] = {}
-    for r in records:
-        for times in (r.get("time_s", {}), r.get("time_before_resume_s", {})):
-            for part, seconds in times.items():
-                key = "test" if part.startswith("test/") else part
-                parts[key] = parts.get(key, 0.0) + seconds
-    breakdown = (f"; by part ({sum('time_s' in r for r in records)} records): "
-                 + ", ".join(f"{part.replace('_', ' ')} {s / 60:.1f}" for part, s in parts.items())) if parts else ""
-    resumed = [r for r in records if "resumed_at_step" in r]
-    return (f"the runs took {sum(map(run_seconds, records)) / 60:.0f} minutes in all (sum of their wall times"
-            + (f", {len(resumed)} resumed after a kill" if resumed else "")
-            + f"; the sweep runs two at a time{breakdown})")
-
-
 def write_markdown(path: Path, lines: list[str]) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
@@ -170,7 +149,6 @@ TABLE1 = experiment_design("table1")
 TABLE1_TASKS, TABLE1_ROWS = TABLE1["paper_tasks"], TABLE1["rows"]  # column and row order
 TABLE1_GRID = (TABLE1["methods"], TABLE1["tasks"], len(TABLE1["seeds"]))  # the main grid: rows, tasks, seeds
 TABLE1_MATCHED = list(TABLE1["matched"].items())  # each ResLoRA row and the LoRA control of its scale
-LAST_STEPS = 5  # the train loss a run ends at: its mean over these last steps
 
 
 def run_minutes_by_group(records: list[dict]) -> str:

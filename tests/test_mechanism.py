@@ -1,5 +1,6 @@
 """experiments/mechanism.py, the effective-scale prediction: its measurements on models whose consecutive
-target-layer inputs are known exactly, and a whole run on a tiny random BERT against the committed records."""
+target-layer inputs are known exactly, and a whole run on a tiny random BERT against the committed records; the
+gradient-path ablation's report (reslora/lab/ablation.py) and notebook on smoke records."""
 
 from __future__ import annotations
 
@@ -8,12 +9,16 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from _models import BERT
+from reslora.lab.ablation import ablation_markdown, ablation_records
 from reslora.lab.records import load_records
+from test_platform import needs_data, train
+from test_reports import execute_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
@@ -116,3 +121,35 @@ def test_a_tiny_random_bert_against_the_committed_records(tmp_path):
     # the report rebuilds from the JSON alone (--rebuild), byte for byte
     mechanism.write_outputs(json.loads((tmp_path / "mechanism_scale.json").read_text())["sources"], tmp_path / "again")
     assert (tmp_path / "again" / "mechanism.md").read_bytes() == (tmp_path / "mechanism.md").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def ablation_smoke(tmp_path_factory):
+    """Smoke records of the gradient-path ablation on SST-2: Table 2's LoRA, ResLoRA_is and its matched control,
+    and the detached row, two seeds each."""
+    tmp = tmp_path_factory.mktemp("mechanism")
+    train(tmp, "-m", "experiment=table2", "task=sst2", "method=lora,reslora_is,lora_alpha32", "seed=0,1",
+          "hydra/launcher=joblib_cpu")
+    train(tmp, "-m", "experiment=mechanism", "task=sst2", "method=reslora_is_detached", "seed=0,1",
+          "hydra/launcher=joblib_cpu")
+    return tmp / "results"
+
+
+@needs_data
+def test_the_gradient_path_ablation_from_smoke_records(ablation_smoke, tmp_path, monkeypatch):
+    chosen = ablation_records(ablation_smoke, "smoke")
+    assert chosen["table1"] == [] and len(chosen["table2"]) == 8
+    text = "\n".join(ablation_markdown(chosen, tmp_path / "figures"))
+    for pair in ("ResLoRA_is − ResLoRA_is, shortcut detached",
+                 "ResLoRA_is, shortcut detached − LoRA (r=4, alpha=32), control"):
+        assert f"| {pair} | SST-2 (Acc) |" in text and f"| {pair} | SST-2 whole run |" in text
+    assert "Detached rows: 2 runs" in text and "Family: this table holds 2 comparisons" in text  # accuracy: 2 pairs
+    # the relative train-loss difference is recomputed from the records' own losses, per seed
+    runs = {(r["method"], r["seed"]): r for r in chosen["table2"]}
+    final = {key: np.mean([loss for _, loss in r["train_loss"][-5:]]) for key, r in runs.items()}
+    expected = ", ".join(f"{100 * (final['reslora_is', s] / final['reslora_is_detached', s] - 1):+.2f}" for s in (0, 1))
+    line = next(row for row in text.splitlines()
+                if row.startswith("| ResLoRA_is − ResLoRA_is, shortcut detached | SST-2 final |"))
+    assert f"| {expected} |" in line
+    assert (tmp_path / "figures" / "mechanism_train_loss_table2.png").stat().st_size > 5_000
+    assert "table2: 8 records (2 detached)" in execute_notebook("mechanism.ipynb", ablation_smoke, monkeypatch)

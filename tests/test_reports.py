@@ -202,7 +202,7 @@ def test_a_row_listed_twice_in_the_order_is_shown_once():
 
 def test_run_time_counts_what_a_resumed_runs_killed_process_spent():
     sys.path.insert(0, str(ROOT / "experiments"))
-    from tables import runs_took
+    from reslora.lab.report import runs_took
 
     records = [{"wall_time_s": 60, "time_s": {"train_steps": 40, "test/merged": 20}},
                {"wall_time_s": 30, "time_s": {"test/merged": 30}, "resumed_at_step": 20,

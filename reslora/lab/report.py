@@ -28,6 +28,7 @@ TASK_LABELS = {"cola": "CoLA (Mcc)", "sst2": "SST-2 (Acc)", "mrpc": "MRPC (Acc)"
                "wnli": "WNLI (Acc)", "gsm8k": "GSM8K (Acc)", "svamp": "SVAMP (Acc)", "mathqa": "MathQA (Acc)",
                "metamathqa": "MetaMathQA (Acc on GSM8K)", "hellaswag": "HellaSwag (Acc)"}
 RESLORA_ROWS = ("reslora_is", "reslora_bs", "reslora_ms")
+LAST_STEPS = 5  # the train loss a run ends at: its mean over these last steps
 CONTROL_ROWS = ("lora_alpha16", "lora_alpha32", "lora_alpha64", "lora_alpha113", "lora_alpha73")  # not in the paper: LoRA at the scale ResLoRA rows merge with
 
 
@@ -76,6 +77,28 @@ def update_size_frame(records: list[dict], baseline: str = "lora") -> pd.DataFra
     rows = [{"task": task, "method": method, "seed": seed, "value": value / size[(task, baseline, seed)]}
             for (task, method, seed), value in size.items() if (task, baseline, seed) in size]
     return pd.DataFrame(rows, columns=["task", "method", "seed", "value"])
+
+
+def run_seconds(record: dict) -> float:
+    """A run's wall time; a resumed run's includes what its killed processes spent up to their last checkpoint."""
+    return record.get("wall_time_s", 0) + sum(record.get("time_before_resume_s", {}).values())
+
+
+def runs_took(records: list[dict]) -> str:
+    """Summed run time, and where it went (records that have the breakdown). A resumed run counts the time its
+    killed processes spent up to their last checkpoint too (what they did after it was redone)."""
+    parts: dict[str, float] = {}
+    for r in records:
+        for times in (r.get("time_s", {}), r.get("time_before_resume_s", {})):
+            for part, seconds in times.items():
+                key = "test" if part.startswith("test/") else part
+                parts[key] = parts.get(key, 0.0) + seconds
+    breakdown = (f"; by part ({sum('time_s' in r for r in records)} records): "
+                 + ", ".join(f"{part.replace('_', ' ')} {s / 60:.1f}" for part, s in parts.items())) if parts else ""
+    resumed = [r for r in records if "resumed_at_step" in r]
+    return (f"the runs took {sum(map(run_seconds, records)) / 60:.0f} minutes in all (sum of their wall times"
+            + (f", {len(resumed)} resumed after a kill" if resumed else "")
+            + f"; the sweep runs two at a time{breakdown})")
 
 
 def ordered(values, order) -> list:
