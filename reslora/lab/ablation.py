@@ -27,13 +27,18 @@ def ablation_pairs(tag: str) -> list[tuple[str, str]]:
             for pair in ((method, f"{method}_detached"), (f"{method}_detached", matched[method]))]
 
 
+def ablation_rows(tag: str) -> list[str]:
+    """LoRA (r=4) and every row the pairs name, in table order."""
+    return list(dict.fromkeys(["lora", *(m for pair in ablation_pairs(tag) for m in pair)]))
+
+
 def ablation_records(records_dir: Path, scale: str) -> dict[str, list[dict]]:
     """Per source experiment, its records on the ablation's tasks for the rows the pairs name, and the detached
     rows (tag mechanism) there. Empty lists where nothing has run."""
     detached = load_records(records_dir, scale, "mechanism")
     chosen = {}
     for tag, tasks in ABLATION_TASKS.items():
-        methods = {"lora", *(m for pair in ablation_pairs(tag) for m in pair)}
+        methods = set(ablation_rows(tag))
         chosen[tag] = [r for r in (*load_records(records_dir, scale, tag), *detached)
                        if r["task"] in tasks and r["method"] in methods]
     return chosen
@@ -80,8 +85,7 @@ def ablation_markdown(chosen: dict[str, list[dict]], figures: Path) -> list[str]
         tasks = tuple(t for t in ABLATION_TASKS[tag] if any(r["task"] == t for r in runs))
         if not tasks:
             continue
-        pairs = ablation_pairs(tag)
-        rows = list(dict.fromkeys(["lora", *(m for pair in pairs for m in pair)]))
+        pairs, rows = ablation_pairs(tag), ablation_rows(tag)
         names = ", ".join(task_name(t) for t in tasks)
         lines += [f"### {names} (the other rows: {tag}'s records)", ""]
         if tag == "table2":
